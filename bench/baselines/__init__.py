@@ -1,0 +1,1 @@
+"""Fair pure-Python baselines that stages compare against."""

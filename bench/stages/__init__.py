@@ -1,0 +1,1 @@
+"""Benchmark stages: one module per stage, each registering itself with @bench.harness.stage."""

@@ -1,0 +1,1 @@
+"""rexrag_fast.engine"""

@@ -1,0 +1,65 @@
+"""Test helpers shared by tests/ and bench/: per-dtype tolerances and a comparison that shows the worst elements."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) per dtype: fp32 results accumulate in fp32; bf16/fp16 inputs carry 8/11 mantissa bits.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, scale: float = 1.0) -> tuple[float, float]:
+    """(atol, rtol) for results computed from inputs of `dtype`, each multiplied by `scale`."""
+    atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    return atol * scale, rtol * scale
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    name: str = "tensor",
+    show: int = 8,
+) -> None:
+    """Assert |actual - expected| <= atol + rtol * |expected| elementwise (NaN == NaN, inf == inf).
+
+    Tolerances default to `tolerance(dtype or expected.dtype)`. On failure the message lists the `show`
+    worst elements with their indices, both values and the excess over the allowed error.
+    """
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    d_atol, d_rtol = tolerance(dtype or expected.dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    same_special = (a.isnan() & e.isnan()) | ((a == e) & e.isinf())
+    err = (a - e).abs()
+    allowed = atol + rtol * e.abs()
+    bad = ~(same_special | (err <= allowed))
+    if not bool(bad.any()):
+        return
+    excess = torch.where(bad, (err - allowed).nan_to_num(float("inf")), torch.zeros_like(err))
+    flat = excess.flatten()
+    k = min(show, int(bad.sum()))
+    worst = torch.topk(flat, k).indices
+    lines = [
+        f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol:g}, rtol={rtol:g}); worst:"
+    ]
+    for i in worst.tolist():
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), bad.shape)) if bad.dim() else ()
+        lines.append(
+            f"  at {idx}: actual={a.flatten()[i].item():.8g} expected={e.flatten()[i].item():.8g} "
+            f"|diff|={err.flatten()[i].item():.3g} allowed={allowed.flatten()[i].item():.3g}"
+        )
+    raise AssertionError("\n".join(lines))
