@@ -1,0 +1,232 @@
+"""Packing trajectories into varlen micro-batches under a token budget, and the way back.
+
+A trajectory is a list of token ids plus per-token arrays of the same length (response mask, old log-probs,
+probe log-probs, ...) and per-sequence values (reward, group id). A packed micro-batch concatenates whole
+trajectories along one token axis:
+
+    input_ids [T], cu_seqlens [B+1] int32 (cu_seqlens[0] = 0, cu_seqlens[b+1] - cu_seqlens[b] = len_b),
+    position_ids [T] (0..len_b-1 inside each sequence), per-token arrays [T], per-sequence arrays [B],
+    seq_index [B] (each sequence's position in the caller's list).
+
+Micro-batches are chosen by first-fit decreasing on lengths: sequences sorted by length (longest first,
+ties by original index), each put into the first micro-batch with room for it, a new one opened otherwise.
+The plan depends only on the lengths and the budget, so every rank and every rerun packs identically.
+
+The padded layout `[B, L]` with an attention mask converts to the packed layout and back with
+`padded_to_packed` / `packed_to_padded` (left or right padding, any mask whose valid tokens are the ones kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PackedBatch:
+    """One varlen micro-batch. Shapes: T = total tokens, B = sequences."""
+
+    input_ids: torch.Tensor  # [T] int64
+    cu_seqlens: torch.Tensor  # [B+1] int32
+    position_ids: torch.Tensor  # [T] int64
+    seq_index: torch.Tensor  # [B] int64, index of each sequence in the unpacked list
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # each [T]
+    per_sequence: dict[str, torch.Tensor] = field(default_factory=dict)  # each [B]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.cu_seqlens.numel()) - 1
+
+    def seqlens(self) -> torch.Tensor:
+        """[B] int32 lengths."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """A copy with every tensor on `device`."""
+        return PackedBatch(
+            input_ids=self.input_ids.to(device),
+            cu_seqlens=self.cu_seqlens.to(device),
+            position_ids=self.position_ids.to(device),
+            seq_index=self.seq_index.to(device),
+            per_token={k: v.to(device) for k, v in self.per_token.items()},
+            per_sequence={k: v.to(device) for k, v in self.per_sequence.items()},
+        )
+
+
+def first_fit_decreasing(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group sequence indices into bins of total length <= `max_tokens`, first-fit decreasing.
+
+    lengths: [N] positive ints. Returns bins in the order they were opened; inside a bin, indices in the order
+    they were placed (longest first). Deterministic: ties in length are broken by the smaller index.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
+    lens = [int(n) for n in lengths]
+    for i, n in enumerate(lens):
+        if n < 1:
+            raise ValueError(f"lengths[{i}]: expected a positive length, got {n}")
+        if n > max_tokens:
+            raise ValueError(
+                f"lengths[{i}] = {n} exceeds the micro-batch token budget max_tokens = {max_tokens}; "
+                "raise the budget or truncate the trajectory"
+            )
+    order = sorted(range(len(lens)), key=lambda i: (-lens[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lens[i] <= free:
+                bins[b].append(i)
+                room[b] -= lens[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lens[i])
+    return bins
+
+
+def _as_1d(x: Any, dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence, got shape {list(t.shape)}")
+    return t.to(dtype) if dtype is not None else t
+
+
+def pack_sequences(
+    token_ids: Sequence[Sequence[int] | torch.Tensor],
+    per_token: Mapping[str, Sequence[Any]] | None = None,
+    per_sequence: Mapping[str, Sequence[Any] | torch.Tensor] | None = None,
+    indices: Sequence[int] | None = None,
+) -> PackedBatch:
+    """Concatenate the sequences `indices` (default: all, in order) into one PackedBatch.
+
+    token_ids: N sequences of token ids; per_token[k]: N arrays, the i-th as long as token_ids[i];
+    per_sequence[k]: [N] values. Output per-token arrays keep their input dtype.
+    """
+    per_token = dict(per_token or {})
+    per_sequence = dict(per_sequence or {})
+    n = len(token_ids)
+    for k, v in per_token.items():
+        if len(v) != n:
+            raise ValueError(f"per_token[{k!r}]: expected {n} arrays (one per sequence), got {len(v)}")
+    seq_vals = {}
+    for k, v in per_sequence.items():
+        t = _as_1d(v, None, f"per_sequence[{k!r}]")
+        if t.numel() != n:
+            raise ValueError(f"per_sequence[{k!r}]: expected {n} values (one per sequence), got {t.numel()}")
+        seq_vals[k] = t
+    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    if not idx:
+        raise ValueError("pack_sequences: no sequences to pack")
+    ids = [_as_1d(token_ids[i], torch.long, f"token_ids[{i}]") for i in idx]
+    lens = [t.numel() for t in ids]
+    for i, length in zip(idx, lens):
+        if length == 0:
+            raise ValueError(f"token_ids[{i}]: empty sequence")
+    tok = {}
+    for k, arrays in per_token.items():
+        parts = []
+        for i, length in zip(idx, lens):
+            t = _as_1d(arrays[i], None, f"per_token[{k!r}][{i}]")
+            if t.numel() != length:
+                raise ValueError(
+                    f"per_token[{k!r}][{i}]: expected {length} values (the length of token_ids[{i}]), "
+                    f"got {t.numel()}"
+                )
+            parts.append(t)
+        tok[k] = torch.cat(parts)
+    cu = torch.zeros(len(idx) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0).to(torch.int32)
+    index = torch.tensor(idx, dtype=torch.long)
+    return PackedBatch(
+        input_ids=torch.cat(ids),
+        cu_seqlens=cu,
+        position_ids=torch.cat([torch.arange(length, dtype=torch.long) for length in lens]),
+        seq_index=index,
+        per_token=tok,
+        per_sequence={k: v[index] for k, v in seq_vals.items()},
+    )
+
+
+def pack_micro_batches(
+    token_ids: Sequence[Sequence[int] | torch.Tensor],
+    max_tokens: int,
+    per_token: Mapping[str, Sequence[Any]] | None = None,
+    per_sequence: Mapping[str, Sequence[Any] | torch.Tensor] | None = None,
+) -> list[PackedBatch]:
+    """Split N sequences into PackedBatches of at most `max_tokens` tokens each (first-fit decreasing)."""
+    plan = first_fit_decreasing([len(t) for t in token_ids], max_tokens)
+    return [pack_sequences(token_ids, per_token, per_sequence, indices=b) for b in plan]
+
+
+def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    """Split packed `values` [T, ...] into B per-sequence tensors by `cu_seqlens` [B+1]."""
+    if values.shape[0] != int(cu_seqlens[-1]):
+        raise ValueError(f"values: expected {int(cu_seqlens[-1])} rows (cu_seqlens[-1]), got {values.shape[0]}")
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return list(torch.split(values, lens, dim=0))
+
+
+def scatter_back(
+    batches: Sequence[PackedBatch], values: Sequence[torch.Tensor], num_sequences: int
+) -> list[torch.Tensor]:
+    """Inverse of `pack_micro_batches` for a per-token result: values[j] [T_j] computed on batches[j] ->
+    `num_sequences` per-sequence tensors in the caller's original order."""
+    if len(batches) != len(values):
+        raise ValueError(f"values: expected {len(batches)} tensors (one per micro-batch), got {len(values)}")
+    out: list[torch.Tensor | None] = [None] * num_sequences
+    for mb, v in zip(batches, values):
+        for i, piece in zip(mb.seq_index.tolist(), unpack(v, mb.cu_seqlens)):
+            if not 0 <= i < num_sequences or out[i] is not None:
+                raise ValueError(f"sequence index {i} is out of range or appears twice across micro-batches")
+            out[i] = piece
+    missing = [i for i, t in enumerate(out) if t is None]
+    if missing:
+        raise ValueError(f"sequences {missing[:10]} are in none of the micro-batches")
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class PackedIndex:
+    """Where each packed token sits in the padded [B, L] layout."""
+
+    flat_index: torch.Tensor  # [T] int64 positions in the flattened [B*L] layout
+    cu_seqlens: torch.Tensor  # [B+1] int32
+    batch_size: int
+    seq_len: int
+
+
+def padded_to_packed(padded: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, PackedIndex]:
+    """[B, L, ...] with attention_mask [B, L] (1 = real token) -> (packed [T, ...], PackedIndex).
+
+    Tokens keep their order inside each row, so left and right padding both work.
+    """
+    if attention_mask.dim() != 2 or padded.shape[:2] != attention_mask.shape:
+        raise ValueError(
+            f"attention_mask: expected shape [B, L] matching padded's first two dims {list(padded.shape[:2])}, "
+            f"got {list(attention_mask.shape)}"
+        )
+    b, length = attention_mask.shape
+    mask = attention_mask.bool()
+    flat_index = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=padded.device)
+    cu[1:] = torch.cumsum(mask.sum(1), 0).to(torch.int32)
+    packed = padded.reshape(b * length, *padded.shape[2:])[flat_index]
+    return packed, PackedIndex(flat_index, cu, b, length)
+
+
+def packed_to_padded(packed: torch.Tensor, index: PackedIndex, pad_value: float = 0) -> torch.Tensor:
+    """Inverse of `padded_to_packed`: packed [T, ...] -> [B, L, ...] with `pad_value` where the mask was 0."""
+    if packed.shape[0] != index.flat_index.numel():
+        raise ValueError(f"packed: expected {index.flat_index.numel()} rows, got {packed.shape[0]}")
+    out = packed.new_full((index.batch_size * index.seq_len, *packed.shape[1:]), pad_value)
+    out[index.flat_index] = packed
+    return out.reshape(index.batch_size, index.seq_len, *packed.shape[1:])
