@@ -1,8 +1,238 @@
 // pybind11 module rexrag_fast._C: the C++ data structures behind rexrag_fast.cache.
+//
+// Inputs are Python lists/tuples of ints or 1-D integer numpy arrays; a contiguous int32 array is read in
+// place, anything else is converted once (with a range check) before the GIL is released. Outputs are
+// int32 numpy arrays. The GIL is released around every call that walks the tree or a block list, and is
+// never re-acquired while a cache or allocator mutex is held (see prefix_cache.h).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "block_allocator.h"
+#include "prefix_cache.h"
+
 namespace py = pybind11;
+using rexrag::BlockAllocator;
+using rexrag::CacheError;
+using rexrag::PrefixCache;
+
+namespace {
+
+PyObject* g_cache_error = nullptr;
+
+// A read-only view of int32 values: either numpy memory in place or `storage`.
+struct IntView {
+  const int32_t* data = nullptr;
+  size_t size = 0;
+};
+
+int32_t checked_int32(long long v, const char* what, size_t i) {
+  if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
+    throw CacheError(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(v) +
+                     " does not fit in int32");
+  }
+  return static_cast<int32_t>(v);
+}
+
+IntView read_ints(const py::handle& obj, const char* what, std::vector<int32_t>* storage) {
+  if (py::isinstance<py::array>(obj)) {
+    auto arr = py::reinterpret_borrow<py::array>(obj);
+    if (arr.ndim() != 1) {
+      throw CacheError(std::string(what) + " must be 1-D, got an array with ndim=" + std::to_string(arr.ndim()));
+    }
+    const char kind = arr.dtype().kind();
+    if (kind != 'i' && kind != 'u') {
+      throw CacheError(std::string(what) + " must hold integers, got dtype " + std::string(py::str(arr.dtype())));
+    }
+    const auto n = static_cast<size_t>(arr.shape(0));
+    if (arr.dtype().is(py::dtype::of<int32_t>()) && (n <= 1 || arr.strides(0) == sizeof(int32_t))) {
+      return {static_cast<const int32_t*>(arr.data()), n};
+    }
+    auto as64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+    if (!as64) throw py::error_already_set();
+    if (kind == 'u' && arr.itemsize() == 8) {
+      // uint64 values above int64 max wrap negative in the cast; check the unsigned view instead.
+      auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+      for (size_t i = 0; i < n; ++i) {
+        if (u.data()[i] > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())) {
+          throw CacheError(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(u.data()[i]) +
+                           " does not fit in int32");
+        }
+      }
+    }
+    storage->resize(n);
+    const int64_t* src = as64.data();
+    for (size_t i = 0; i < n; ++i) (*storage)[i] = checked_int32(src[i], what, i);
+    return {storage->data(), n};
+  }
+  if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+    const bool is_list = py::isinstance<py::list>(obj);
+    const auto n = static_cast<size_t>(is_list ? PyList_GET_SIZE(obj.ptr()) : PyTuple_GET_SIZE(obj.ptr()));
+    storage->resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      PyObject* item = is_list ? PyList_GET_ITEM(obj.ptr(), i) : PyTuple_GET_ITEM(obj.ptr(), i);
+      long long v;
+      if (PyLong_CheckExact(item)) {
+        int overflow = 0;
+        v = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (overflow) {
+          throw CacheError(std::string(what) + "[" + std::to_string(i) + "] = " + std::string(py::repr(item)) +
+                           " does not fit in int32");
+        }
+      } else {
+        PyObject* idx = PyNumber_Index(item);  // accepts numpy integer scalars, rejects floats
+        if (!idx) {
+          PyErr_Clear();
+          throw CacheError(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " +
+                           std::string(py::str(py::type::handle_of(item).attr("__name__"))));
+        }
+        int overflow = 0;
+        v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+        Py_DECREF(idx);
+        if (overflow) {
+          throw CacheError(std::string(what) + "[" + std::to_string(i) + "] does not fit in int32");
+        }
+      }
+      (*storage)[i] = checked_int32(v, what, i);
+    }
+    return {storage->data(), n};
+  }
+  throw CacheError(std::string(what) + " must be a list/tuple of ints or a 1-D integer numpy array, got " +
+                   std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+}
+
+py::array_t<int32_t> to_numpy(const std::vector<int32_t>& v) {
+  py::array_t<int32_t> out(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(int32_t));
+  return out;
+}
+
+struct MatchResult {
+  py::array_t<int32_t> block_ids;
+  int64_t num_matched_tokens;
+  int64_t handle;
+};
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "rexrag-fast C++ core: KV block allocator and radix prefix cache";
+  m.doc() = "rexrag-fast C++ core: KV block allocator and radix prefix cache (Python face: rexrag_fast.cache)";
+
+  py::tuple bases = py::make_tuple(py::handle(PyExc_ValueError), py::handle(PyExc_RuntimeError));
+  g_cache_error = PyErr_NewExceptionWithDoc("rexrag_fast._C.CacheError",
+                                            "Misuse of the block allocator or the prefix cache.", bases.ptr(),
+                                            nullptr);
+  if (!g_cache_error) throw py::error_already_set();
+  m.add_object("CacheError", py::handle(g_cache_error));  // the module keeps one reference, g_cache_error another
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CacheError& e) {
+      PyErr_SetString(g_cache_error, e.what());
+    }
+  });
+
+  py::class_<MatchResult>(m, "MatchResult",
+                          "Result of PrefixCache.match_prefix: block_ids (int32 [n]), num_matched_tokens "
+                          "(n * block_size), handle (deepest matched node, or the namespace root).")
+      .def_readonly("block_ids", &MatchResult::block_ids)
+      .def_readonly("num_matched_tokens", &MatchResult::num_matched_tokens)
+      .def_readonly("handle", &MatchResult::handle)
+      .def("__iter__",
+           [](const MatchResult& r) {
+             return py::iter(py::make_tuple(r.block_ids, r.num_matched_tokens, r.handle));
+           })
+      .def("__repr__", [](const MatchResult& r) {
+        return "MatchResult(block_ids=" + std::string(py::repr(r.block_ids)) +
+               ", num_matched_tokens=" + std::to_string(r.num_matched_tokens) +
+               ", handle=" + std::to_string(r.handle) + ")";
+      });
+
+  py::class_<BlockAllocator, std::shared_ptr<BlockAllocator>>(
+      m, "BlockAllocator", "A pool of num_blocks KV block ids with reference counts and a LIFO free list.")
+      .def(py::init<int64_t>(), py::arg("num_blocks"))
+      .def(
+          "allocate",
+          [](BlockAllocator& a, int64_t n) {
+            std::vector<int32_t> ids;
+            {
+              py::gil_scoped_release nogil;
+              ids = a.allocate(n);
+            }
+            return to_numpy(ids);
+          },
+          py::arg("n"), "n free blocks (int32 [n]), refcount 1 each; raises CacheError if fewer are free.")
+      .def(
+          "incref",
+          [](BlockAllocator& a, const py::handle& blocks) {
+            std::vector<int32_t> buf;
+            IntView v = read_ints(blocks, "blocks", &buf);
+            py::gil_scoped_release nogil;
+            a.incref(v.data, v.size);
+          },
+          py::arg("blocks"), "One more reference on each block (sharing, e.g. a forked sequence).")
+      .def(
+          "free",
+          [](BlockAllocator& a, const py::handle& blocks) {
+            std::vector<int32_t> buf;
+            IntView v = read_ints(blocks, "blocks", &buf);
+            py::gil_scoped_release nogil;
+            a.free(v.data, v.size);
+          },
+          py::arg("blocks"),
+          "Drop one caller reference per id; refcount 0 returns the block to the free list. Double free, an "
+          "unknown id or a block held only by a prefix cache raises CacheError and changes nothing.")
+      .def("refcount", &BlockAllocator::refcount, py::arg("block"))
+      .def_property_readonly("num_free", &BlockAllocator::num_free)
+      .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
+      .def("check_invariants", &BlockAllocator::check_invariants, py::call_guard<py::gil_scoped_release>())
+      .def("__repr__", [](const BlockAllocator& a) {
+        return "BlockAllocator(num_blocks=" + std::to_string(a.num_blocks()) +
+               ", num_free=" + std::to_string(a.num_free()) + ")";
+      });
+
+  py::class_<PrefixCache>(m, "PrefixCache", "Radix tree of token-id prefixes over full KV blocks (see prefix_cache.h).")
+      .def(py::init<int64_t, std::shared_ptr<BlockAllocator>, int>(), py::arg("block_size"), py::arg("allocator"),
+           py::kw_only(), py::arg("hash_bits") = 64)
+      .def(
+          "match_prefix",
+          [](PrefixCache& c, const py::handle& tokens, int64_t ns) {
+            std::vector<int32_t> buf, blocks;
+            IntView t = read_ints(tokens, "tokens", &buf);
+            int64_t handle;
+            {
+              py::gil_scoped_release nogil;
+              handle = c.match_prefix(t.data, t.size, ns, &blocks);
+            }
+            const auto n = static_cast<int64_t>(blocks.size());
+            return MatchResult{to_numpy(blocks), n * c.block_size(), handle};
+          },
+          py::arg("tokens"), py::arg("namespace") = 0)
+      .def(
+          "insert",
+          [](PrefixCache& c, const py::handle& tokens, const py::handle& block_ids, int64_t ns) {
+            std::vector<int32_t> tbuf, bbuf;
+            IntView t = read_ints(tokens, "tokens", &tbuf);
+            IntView b = read_ints(block_ids, "block_ids", &bbuf);
+            py::gil_scoped_release nogil;
+            return c.insert(t.data, t.size, b.data, b.size, ns);
+          },
+          py::arg("tokens"), py::arg("block_ids"), py::arg("namespace") = 0)
+      .def("lock", &PrefixCache::lock, py::arg("handle"))
+      .def("unlock", &PrefixCache::unlock, py::arg("handle"))
+      .def("evict", &PrefixCache::evict, py::arg("num_blocks"), py::call_guard<py::gil_scoped_release>())
+      .def("reset", &PrefixCache::reset, py::call_guard<py::gil_scoped_release>())
+      .def("check_invariants", &PrefixCache::check_invariants, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("block_size", &PrefixCache::block_size)
+      .def_property_readonly("allocator", &PrefixCache::allocator)
+      .def_property_readonly("evictable_blocks", &PrefixCache::evictable_blocks)
+      .def_property_readonly("locked_blocks", &PrefixCache::locked_blocks)
+      .def_property_readonly("cached_tokens", &PrefixCache::cached_tokens)
+      .def_property_readonly("hits", &PrefixCache::hits)
+      .def_property_readonly("misses", &PrefixCache::misses);
 }
