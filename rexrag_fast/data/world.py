@@ -251,6 +251,10 @@ class _NameFactory:
         return self._unique(lambda: f"{self._word(self.rng.randint(1, 2))} {self._word(self.rng.randint(2, 3))}")
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _document(kind: str, e: dict[str, Any]) -> dict[str, str]:
     n = e["name"]
     if kind == "country":
@@ -260,10 +264,11 @@ def _document(kind: str, e: dict[str, Any]) -> dict[str, str]:
         text = (f"{n} is a city in {e['country']}, on the banks of the {e['river']}. {n} was founded in "
                 f"{e['founded']} and has a population of {e['population']:,}.")
     elif kind == "company":
-        text = (f"{n} is a {e['industry']} company founded in {e['founded']} by {e['founder']}. "
+        text = (f"{n} is {_article(e['industry'])} {e['industry']} company founded in {e['founded']} "
+                f"by {e['founder']}. "
                 f"Its headquarters are in {e['headquarters']}.")
     else:
-        text = (f"{n} (born {e['born']}) is a {e['occupation']}. {n} was born in the city of "
+        text = (f"{n} (born {e['born']}) is {_article(e['occupation'])} {e['occupation']}. {n} was born in the city of "
                 f"{e['birthplace']} and works for {e['employer']}.")
     return {"id": e["doc_id"], "contents": f'"{n}"\n{text}'}
 
