@@ -6,6 +6,12 @@
     text = format_passages(results[0])              # "Doc 1(Title: ...) text\\n..."
 """
 
+from rexrag_fast.retrieval.client import (
+    RetrievalClient,
+    RetrievalError,
+    RetrievalRequestError,
+    RetrievalUnavailableError,
+)
 from rexrag_fast.retrieval.embedder import DEFAULT_EMBEDDER, Embedder, get_embedder
 from rexrag_fast.retrieval.format import format_passages, split_contents
 from rexrag_fast.retrieval.index import DenseIndex, IndexConfig, IndexMismatchError, build_index, read_manifest
@@ -13,5 +19,6 @@ from rexrag_fast.retrieval.local import LocalRetriever
 
 __all__ = [
     "DEFAULT_EMBEDDER", "DenseIndex", "Embedder", "IndexConfig", "IndexMismatchError", "LocalRetriever",
+    "RetrievalClient", "RetrievalError", "RetrievalRequestError", "RetrievalUnavailableError",
     "build_index", "format_passages", "get_embedder", "read_manifest", "split_contents",
 ]

@@ -1,0 +1,45 @@
+"""`rexrag-fast serve`: serve an index directory over HTTP with Search-R1's POST /retrieve API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rexrag_fast.retrieval.server import BatchingConfig, ServerLimits
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    limits, batching = ServerLimits(), BatchingConfig()
+    parser.add_argument("--index", required=True, help="index directory written by `rexrag-fast index`")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000, as Search-R1)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--corpus", default=None, help="corpus JSONL if it moved since the index was built")
+    parser.add_argument("--embedder", default=None, help="refuse to start unless the index was built with this")
+    parser.add_argument("--device", default=None, help="query embedding device (default cuda when available)")
+    parser.add_argument("--default-topk", type=int, default=limits.default_topk)
+    parser.add_argument("--max-topk", type=int, default=limits.max_topk)
+    parser.add_argument("--max-queries", type=int, default=limits.max_queries, help="queries per request")
+    parser.add_argument("--max-query-chars", type=int, default=limits.max_query_chars)
+    parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes)
+    parser.add_argument("--max-batch-queries", type=int, default=batching.max_batch_queries,
+                        help="queries merged into one embedding call")
+    parser.add_argument("--max-wait-ms", type=float, default=batching.max_wait_ms,
+                        help="how long the batcher waits for more requests")
+    parser.add_argument("--no-batching", action="store_true", help="embed each request on its own")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rexrag_fast.retrieval.index import IndexMismatchError
+    from rexrag_fast.retrieval.server import serve
+
+    limits = ServerLimits(max_queries=args.max_queries, max_topk=args.max_topk, max_query_chars=args.max_query_chars,
+                          max_body_bytes=args.max_body_bytes, default_topk=args.default_topk)
+    batching = BatchingConfig(enabled=not args.no_batching, max_batch_queries=args.max_batch_queries,
+                              max_wait_ms=args.max_wait_ms)
+    try:
+        serve(args.index, host=args.host, port=args.port, limits=limits, batching=batching, embedder=args.embedder,
+              corpus_path=args.corpus, device=args.device)
+    except (FileNotFoundError, IndexMismatchError) as e:
+        print(f"rexrag-fast serve: {e}", file=sys.stderr)
+        return 2
+    return 0
