@@ -1,0 +1,161 @@
+"""Attention over the paged KV pool: write new K/V into their slots, then attend.
+
+Layout of one layer's cache: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim]; token t of a
+sequence lives in slot block_table[t // block_size] * block_size + t % block_size.
+
+Prefill (varlen): sequence i brings n_i new tokens after c_i - n_i cached ones (c_i = context length); new
+token r attends to keys j <= c_i - n_i + r. Decode: one new token per sequence, attending to all c_i keys.
+softmax scale 1/sqrt(head_dim); query head h reads KV head h // (heads / kv_heads) (GQA).
+
+Backends: "torch" (scaled_dot_product_attention on gathered blocks; CPU and CUDA) and "flash_attn"
+(flash_attn_varlen_func / flash_attn_with_kvcache with block_table; CUDA, block_size a multiple of 256).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+FLASH_ATTN_BLOCK_MULTIPLE = 256  # flash-attn's paged-KV kernels need pages of a multiple of 256 tokens
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Per-forward batch description shared by all layers.
+
+    slot_mapping [T] int64: pool slot of each new token. block_tables [B, max_blocks] int32 (padding 0),
+    context_lens [B] int32: keys per sequence after this step. Prefill also has cu_seqlens_q [B+1] int32
+    (new tokens per sequence, prefix sums), cu_seqlens_k [B+1] int32, and the Python lists that the PyTorch
+    path loops over.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 1
+    max_seqlen_k: int = 1
+    query_lens_list: list[int] = dataclasses.field(default_factory=list)
+    context_lens_list: list[int] = dataclasses.field(default_factory=list)
+    no_cached_prefix: bool = False
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(requested: str, device: torch.device, block_size: int) -> str:
+    """'flash_attn' or 'torch' for this device and block size; logs the choice once per engine."""
+    if requested not in ("auto", "flash_attn", "torch"):
+        raise ValueError(f"attention_backend: expected 'auto', 'flash_attn' or 'torch', got {requested!r}")
+    flash_ok = device.type == "cuda" and _flash_attn_importable() and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0
+    if requested == "flash_attn" and not flash_ok:
+        raise RuntimeError(
+            "attention_backend='flash_attn' needs a CUDA device, `pip install flash-attn`, and block_size a "
+            f"multiple of {FLASH_ATTN_BLOCK_MULTIPLE} (got device {device}, block_size {block_size})"
+        )
+    backend = "flash_attn" if requested == "flash_attn" or (requested == "auto" and flash_ok) else "torch"
+    why = ""
+    if backend == "torch" and device.type == "cuda" and requested == "auto":
+        why = (" (flash-attn not importable)" if not _flash_attn_importable()
+               else f" (block_size {block_size} is not a multiple of {FLASH_ATTN_BLOCK_MULTIPLE})")
+    logger.info("rollout engine attention backend: %s on %s%s", backend, device, why)
+    return backend
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, kv_heads, head_dim] at slots slot_mapping [T] of the layer's cache (in place)."""
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, kv_heads, head_dim] keys (or values) of one sequence, from its block table [n_blocks]."""
+    n = -(-length // cache.shape[1])
+    return cache[block_table[:n]].flatten(0, 1)[:length]
+
+
+def _prefill_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    out = torch.empty_like(q)
+    start = 0
+    for i, (n, c) in enumerate(zip(meta.query_lens_list, meta.context_lens_list)):
+        qi = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if n == c:  # nothing cached: the new keys are all the keys
+            ki, vi = k[start:start + n], v[start:start + n]
+            mask, causal = None, True
+        else:
+            ki = _gather(k_cache, meta.block_tables[i], c)
+            vi = _gather(v_cache, meta.block_tables[i], c)
+            rows = torch.arange(n, device=q.device).unsqueeze(1) + (c - n)
+            mask, causal = torch.arange(c, device=q.device).unsqueeze(0) <= rows, False
+        o = F.scaled_dot_product_attention(
+            qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, is_causal=causal, enable_gqa=True,
+        )
+        out[start:start + n] = o[0].transpose(0, 1)
+        start += n
+    return out
+
+
+def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata) -> torch.Tensor:
+    bsz = q.shape[0]
+    block_size = k_cache.shape[1]
+    max_len = meta.block_tables.shape[1] * block_size
+    # [B, max_blocks, block, KV, D] -> [B, KV, S, D]
+    keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+    values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.context_lens.unsqueeze(1)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask.view(bsz, 1, 1, max_len), enable_gqa=True
+    )
+    return o.squeeze(2)
+
+
+def _prefill_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    if meta.no_cached_prefix:
+        return flash_attn_varlen_func(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q,
+                                      meta.max_seqlen_q, meta.max_seqlen_q, causal=True)
+    return flash_attn_varlen_func(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                  meta.max_seqlen_q, meta.max_seqlen_k, causal=True,
+                                  block_table=meta.block_tables)
+
+
+def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata) -> torch.Tensor:
+    from flash_attn import flash_attn_with_kvcache
+
+    o = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
+                                block_table=meta.block_tables, causal=True)
+    return o.squeeze(1)
+
+
+def paged_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Write k, v [T, KV, D] into the cache, then attend: q [T, H, D] -> [T, H, D].
+
+    For decode T = B (one token per sequence).
+    """
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if backend == "flash_attn":
+        return (_prefill_flash(q, k, v, k_cache, v_cache, meta) if meta.is_prefill
+                else _decode_flash(q, k_cache, v_cache, meta))
+    return (_prefill_torch(q, k, v, k_cache, v_cache, meta) if meta.is_prefill
+            else _decode_torch(q, k_cache, v_cache, meta))

@@ -1,0 +1,84 @@
+"""Engine and sampling configuration: plain dataclasses validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the paged KV pool and the batching limits.
+
+    num_blocks: KV blocks in the pool; each holds `block_size` tokens of every layer's K and V, so the pool
+        tensor is [layers, 2, num_blocks, block_size, kv_heads, head_dim].
+    max_num_batched_tokens: token budget of one forward (prefill chunks + decode tokens).
+    max_num_seqs: most sequences running at once.
+    dtype / device: of the weights and the KV pool; None -> the model's device, and the model's dtype on CPU,
+        bfloat16 on CUDA.
+    enable_prefix_caching: reuse KV of cached prefixes on admission and keep finished sequences' blocks.
+    attention_backend: "auto" (flash-attn on CUDA when importable, else PyTorch), "flash_attn" or "torch".
+    """
+
+    num_blocks: int = 512
+    block_size: int = 16
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 64
+    dtype: torch.dtype | None = None
+    device: torch.device | str | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name}: expected a positive int, got {value!r}")
+        if self.attention_backend not in ("auto", "flash_attn", "torch"):
+            raise ValueError(
+                f"EngineConfig.attention_backend: expected 'auto', 'flash_attn' or 'torch', "
+                f"got {self.attention_backend!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    temperature 0 -> greedy (argmax). top_k -1 -> no top-k; top_p 1.0 -> no nucleus truncation.
+    stop_token_ids end the sequence with finish_reason "stop" (EOS gives "eos"); `stop` strings are checked
+    on the decoded tail after each token and are kept in the output. seed None -> drawn from the engine's
+    generator; a given seed makes the request's samples independent of the batch it runs in.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ("</search>", "</answer>")
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"SamplingParams.temperature: expected >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingParams.top_p: expected a value in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
+            raise ValueError(f"SamplingParams.top_k: expected -1 (off) or a positive int, got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens: expected a positive int, got {self.max_tokens!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop: expected non-empty strings, got {self.stop!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids: expected token ids >= 0, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

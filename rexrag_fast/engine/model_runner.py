@@ -1,0 +1,72 @@
+"""Forward of a Qwen2 / Llama decoder over the paged KV pool: varlen prefill and batched decode.
+
+Per layer (pre-norm): h = x + o_proj(attn(rope(q), rope(k), v)), out = h + down(silu(gate(n)) * up(n)) with
+n = rmsnorm(h); rmsnorm(x) = x / sqrt(mean(x^2) + eps) * w computed in fp32 as transformers does;
+rope(x) = x * cos + rotate_half(x) * sin. Logits are computed only at the positions that sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rexrag_fast.engine.attention import AttentionMetadata, choose_backend, paged_attention
+from rexrag_fast.engine.kv_pool import KVPool
+from rexrag_fast.engine.weights import DecoderWeights, state_dict_of
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, hidden] -> x / sqrt(mean(x^2) + eps) * weight, variance in fp32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D]: x * cos + rotate_half(x) * sin with rotate_half(a, b) = (-b, a)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class ModelRunner:
+    """Holds the weights and the KV pool; runs one batched forward per engine step."""
+
+    def __init__(self, model_or_state_dict: Any, config: Any, *, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype, attention_backend: str = "auto") -> None:
+        self.weights = DecoderWeights(config, device, dtype)
+        self.weights.load(state_dict_of(model_or_state_dict))
+        s = self.weights.shape
+        self.shape = s
+        self.device, self.dtype = device, dtype
+        self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device)
+        self.backend = choose_backend(attention_backend, device, block_size)
+
+    def update_weights(self, model_or_state_dict: Any) -> None:
+        """Copy new weight values in place (the KV pool is untouched)."""
+        self.weights.load(state_dict_of(model_or_state_dict))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                logits_index: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [T] -> fp32 logits [len(logits_index), vocab] at rows logits_index of the batch."""
+        w, s = self.weights, self.shape
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        cos, sin = w.cos[positions], w.sin[positions]
+        x = w.embed[input_ids]
+        for i, layer in enumerate(w.layers):
+            k_cache, v_cache = self.kv.layer(i)
+            h = rms_norm(x, layer["input_norm"], s.rms_norm_eps)
+            qkv = F.linear(h, layer["wqkv"], layer["bqkv"])
+            q = apply_rope(qkv[:, :q_size].view(-1, s.num_heads, s.head_dim), cos, sin)
+            k = apply_rope(qkv[:, q_size:q_size + kv_size].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            v = qkv[:, q_size + kv_size:].reshape(-1, s.num_kv_heads, s.head_dim)
+            o = paged_attention(self.backend, q, k, v, k_cache, v_cache, meta)
+            x = x + F.linear(o.reshape(-1, q_size), layer["wo"], layer["bo"])
+            h = rms_norm(x, layer["post_norm"], s.rms_norm_eps)
+            gate, up = F.linear(h, layer["w_gate_up"], layer["b_gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["w_down"], layer["b_down"])
+        x = rms_norm(x[logits_index], w.final_norm, s.rms_norm_eps)
+        return F.linear(x, w.lm_head).float()

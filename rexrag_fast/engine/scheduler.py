@@ -1,0 +1,95 @@
+"""Continuous batching: which sequences run in the next forward, under a token budget and the free blocks.
+
+Each step is either a prefill step (waiting sequences admitted in order while the token budget, max_num_seqs
+and the blocks allow; the first one may be split into chunks if it alone exceeds the budget) or, when nothing
+waits or nothing more can be admitted, a decode step of every running sequence (one token each). When a
+running sequence needs a block and none is free even after evicting unlocked cached prefixes, the newest
+running sequence is preempted: its blocks go back (computed ones into the prefix cache) and it returns to the
+front of the queue to be recomputed later. The oldest sequence can always take the whole pool, which the
+engine guarantees is large enough for any single request, so the loop always makes progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rexrag_fast.engine.block_manager import BlockManager
+from rexrag_fast.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    """Queues of waiting and running sequences and the choice of each step's batch."""
+
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.blocks = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.num_cached_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """(sequences of the next forward, is_prefill); each has num_scheduled set (tokens to compute)."""
+        batch = self._schedule_prefill()
+        if batch:
+            return batch, True
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        budget = self.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) + len(batch) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                if not self.blocks.admit(seq):
+                    break
+                self.num_cached_tokens += seq.num_computed
+            remaining = len(seq) - seq.num_computed
+            if remaining > budget and batch:
+                break  # only the first sequence of a step is chunked
+            seq.num_scheduled = min(remaining, budget)
+            budget -= seq.num_scheduled
+            batch.append(seq)
+            if seq.num_scheduled == remaining:
+                self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+        return batch
+
+    def _schedule_decode(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            while not self.blocks.ensure_slot(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                seq.num_scheduled = 1
+                batch.append(seq)
+                i += 1
+        assert batch or self.waiting, "scheduler made no progress"
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a finished sequence out of the running set and hand its blocks to the prefix cache."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED
+
