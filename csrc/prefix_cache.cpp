@@ -122,6 +122,7 @@ int32_t PrefixCache::new_node() {
   n.live = true;
   n.parent = -1;
   n.lock = 0;
+  n.pins = 0;
   n.num_children = 0;
   n.chain_next = -1;
   n.is_root = false;
@@ -342,7 +343,9 @@ int64_t PrefixCache::insert(const int32_t* tokens, size_t n, const int32_t* ids,
 
 void PrefixCache::lock(int64_t handle) {
   std::lock_guard<std::mutex> g(mu_);
-  for (int32_t x = resolve(handle, "lock"); !nodes_[x].is_root; x = nodes_[x].parent) {
+  const int32_t node = resolve(handle, "lock");
+  if (!nodes_[node].is_root) ++nodes_[node].pins;
+  for (int32_t x = node; !nodes_[x].is_root; x = nodes_[x].parent) {
     Node& n = nodes_[x];
     if (n.lock == 0) {
       const auto k = static_cast<int64_t>(n.blocks.size());
@@ -357,9 +360,11 @@ void PrefixCache::lock(int64_t handle) {
 void PrefixCache::unlock(int64_t handle) {
   std::lock_guard<std::mutex> g(mu_);
   const int32_t node = resolve(handle, "unlock");
-  if (!nodes_[node].is_root && nodes_[node].lock < 1) {
-    throw CacheError("unlock: handle " + str(handle) + " is not locked (lock count 0); expected a matching lock()");
+  if (!nodes_[node].is_root && nodes_[node].pins < 1) {
+    throw CacheError("unlock: handle " + str(handle) + " is not locked (no lock() on this handle is pending; lock " +
+                     "count " + str(nodes_[node].lock) + " comes from deeper nodes); expected a matching lock()");
   }
+  if (!nodes_[node].is_root) --nodes_[node].pins;
   for (int32_t x = node; !nodes_[x].is_root; x = nodes_[x].parent) {
     Node& n = nodes_[x];
     if (--n.lock == 0) {
@@ -455,6 +460,7 @@ void PrefixCache::check_invariants_locked() const {
     throw CacheError("invariant: node " + str(node) + ": " + what);
   };
   std::vector<int32_t> child_count(nodes_.size(), 0);
+  std::vector<int64_t> child_locks(nodes_.size(), 0);
   int64_t evictable = 0, locked = 0, tree_blocks = 0, live_children = 0;
   size_t lru_members = 0;
   for (size_t i = 0; i < nodes_.size(); ++i) {
@@ -473,6 +479,8 @@ void PrefixCache::check_invariants_locked() const {
     }
     const Node& p = nodes_[n.parent];
     ++child_count[n.parent];
+    child_locks[n.parent] += n.lock;
+    if (n.pins < 0 || n.pins > n.lock) fail(id, "pins " + str(n.pins) + " outside [0, lock " + str(n.lock) + "]");
     if (p.ns != n.ns) fail(id, "namespace " + str(n.ns) + " differs from its parent's " + str(p.ns));
     if (n.blocks.empty() || n.tokens.size() != n.blocks.size() * bs) {
       fail(id, str(static_cast<int64_t>(n.blocks.size())) + " blocks but " + str(static_cast<int64_t>(n.tokens.size())) +
@@ -505,6 +513,9 @@ void PrefixCache::check_invariants_locked() const {
     const auto id = static_cast<int32_t>(i);
     if (n.num_children != child_count[i]) {
       fail(id, "num_children " + str(n.num_children) + " but " + str(child_count[i]) + " live children");
+    }
+    if (!n.is_root && n.lock != n.pins + child_locks[i]) {
+      fail(id, "lock " + str(n.lock) + " != pins " + str(n.pins) + " + children's locks " + str(child_locks[i]));
     }
     if (n.in_lru != evictable_leaf(n)) {
       fail(id, n.in_lru ? "in the LRU set but not an unlocked leaf" : "an unlocked leaf missing from the LRU set");

@@ -9,8 +9,9 @@
 // node slot is freed, so a handle to an evicted or reset node is rejected, never silently reused. When a
 // node is split, the original node keeps the deeper part, so a handle still ends at the same depth.
 //
-// Locks (reference counts on nodes, as SGLang's lock_ref): lock(h) increments h and all its ancestors,
-// unlock(h) decrements them. Nodes with lock > 0 are never evicted. evict() removes blocks from the
+// Locks (reference counts on nodes, as SGLang's lock_ref): lock(h) pins h and increments the lock count of
+// h and all its ancestors, unlock(h) undoes one pin of h; unlocking a handle with no pin of its own raises
+// (even if descendants keep its lock count above 0). Invariant: lock = pins + sum of children's lock. Nodes with lock > 0 are never evicted. evict() removes blocks from the
 // least recently used unlocked leaves (LRU by a logical clock that every match/insert advances, stamped on
 // each node of the path it walks), taking blocks from a leaf's tail when fewer are needed than it holds.
 //
@@ -70,7 +71,8 @@ class PrefixCache {
   struct Node {
     int32_t parent = -1;
     uint32_t generation = 1;
-    int32_t lock = 0;
+    int32_t lock = 0;  // pins of this node + locks of its children (SGLang's lock_ref)
+    int32_t pins = 0;  // lock() calls on this very node's handle not yet matched by unlock()
     int32_t num_children = 0;
     int32_t chain_next = -1;  // next node whose child-map key equals this one's (hash chain)
     bool live = false;

@@ -77,7 +77,8 @@ class ModelNode:
         self.tokens = tokens
         self.blocks = blocks
         self.children: dict[tuple[int, ...], ModelNode] = {}
-        self.lock = 0
+        self.lock = 0  # pins + children's locks
+        self.pins = 0  # lock() calls on this node's own handle not yet undone
         self.tick = tick
         self.alive = True
 
@@ -193,6 +194,8 @@ class ModelCache:
     def lock(self, node: ModelNode) -> None:
         if not node.alive:
             raise ModelError("stale handle")
+        if not node.is_root:
+            node.pins += 1
         x = node
         while not x.is_root:
             x.lock += 1
@@ -201,8 +204,10 @@ class ModelCache:
     def unlock(self, node: ModelNode) -> None:
         if not node.alive:
             raise ModelError("stale handle")
-        if not node.is_root and node.lock < 1:
+        if not node.is_root and node.pins < 1:
             raise ModelError("unlock without lock")
+        if not node.is_root:
+            node.pins -= 1
         x = node
         while not x.is_root:
             x.lock -= 1

@@ -159,6 +159,22 @@ def test_locked_node_and_its_ancestors_are_never_evicted() -> None:
     cache.check_invariants()
 
 
+def test_unlocking_an_ancestor_locked_only_through_a_descendant_raises() -> None:
+    tokens = seq((0, 16))
+    alloc, cache, _ = cache_and_insert(4, tokens)
+    upper = cache.match_prefix(tokens[:8])  # splits: the upper node holds blocks 0-1
+    deep = cache.match_prefix(tokens)
+    cache.lock(deep.handle)
+    with pytest.raises(CacheError, match="is not locked .*lock count 1 comes from deeper nodes"):
+        cache.unlock(upper.handle)
+    cache.lock(upper.handle)
+    cache.unlock(deep.handle)
+    assert cache.locked_blocks == 2
+    cache.unlock(upper.handle)
+    assert cache.locked_blocks == 0
+    cache.check_invariants()
+
+
 def test_root_handle_lock_and_unlock_are_no_ops() -> None:
     alloc, cache, _ = cache_and_insert(4, seq((0, 8)))
     miss = cache.match_prefix([7, 7, 7, 7])
