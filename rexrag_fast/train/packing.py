@@ -167,6 +167,38 @@ def pack_micro_batches(
     return [pack_sequences(token_ids, per_token, per_sequence, indices=b) for b in plan]
 
 
+def plan_mini_batches(
+    token_ids: Sequence[Sequence[int] | torch.Tensor],
+    num_mini_batches: int,
+    max_tokens: int,
+    per_token: Mapping[str, Sequence[Any]] | None = None,
+    per_sequence: Mapping[str, Sequence[Any] | torch.Tensor] | None = None,
+    group_size: int = 1,
+) -> list[list[PackedBatch]]:
+    """Split N sequences, in order, into `num_mini_batches` mini-batches of whole groups, each packed into
+    micro-batches of at most `max_tokens` tokens. verl's ppo_mini_batch_size in prompts is
+    N / group_size / num_mini_batches; `group_size` consecutive sequences (one prompt's n responses) stay in
+    the same mini-batch. Groups are dealt as evenly as possible (earlier mini-batches get the extra ones).
+    seq_index of every micro-batch refers to the caller's list of N.
+    """
+    n = len(token_ids)
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size: expected a positive divisor of the {n} sequences, got {group_size}")
+    groups = n // group_size
+    if not 1 <= num_mini_batches <= groups:
+        raise ValueError(f"num_mini_batches: expected 1..{groups} (the number of groups), got {num_mini_batches}")
+    q, m = divmod(groups, num_mini_batches)
+    out = []
+    start = 0
+    for k in range(num_mini_batches):
+        count = (q + (1 if k < m else 0)) * group_size
+        idx = list(range(start, start + count))
+        start += count
+        plan = first_fit_decreasing([len(token_ids[i]) for i in idx], max_tokens)
+        out.append([pack_sequences(token_ids, per_token, per_sequence, indices=[idx[j] for j in b]) for b in plan])
+    return out
+
+
 def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
     """Split packed `values` [T, ...] into B per-sequence tensors by `cu_seqlens` [B+1]."""
     if values.shape[0] != int(cu_seqlens[-1]):

@@ -1,0 +1,402 @@
+"""The DeepSpeed ZeRO-3 actor: log-probs of packed batches, verl-style PPO updates, gathered weights.
+
+How the RL loop plugs in (one step, per rank; each rank owns `shard_batch(prompts)`):
+
+    actor = ZeroActor(model, cfg, loss_fn=policy_loss_fn)            # once; model built on every rank
+    ref = ReferencePolicy(model_copy, cfg)                             # once, when algorithm.use_kl_loss
+    trajectories = agent_loop(engine, prompts, weights=...)            # rollout (n_agent per prompt)
+    rewards -> REX-RAG probes -> advantages per token (over the whole local batch, so groups are complete)
+    minis = plan_mini_batches(tokens, num_mini_batches, max_tokens, per_token={response_mask, advantages,
+                                  probe_logprobs, ...}, per_sequence={rewards, group_ids})
+    old = actor.compute_logprobs(all micro-batches); ref_lp = ref.compute_logprobs(...)  -> put in per_token
+    metrics = actor.update(minis, step=step)                           # ppo_epochs x mini-batches
+    engine.load_weights(actor.iter_gathered_parameters())              # weight sync (collective!)
+
+`loss_fn(logprobs [T], entropy [T] | None, batch: PackedBatch) -> (loss 0-d, metrics)` computes the loss of
+ONE micro-batch aggregated over that micro-batch alone (e.g. token-mean over its response tokens). The actor
+re-weights it so the gradient is the one of the loss aggregated over the whole mini-batch on all ranks:
+
+    L_mini = sum_mb  L_mb * w_mb / W * world_size      (DeepSpeed averages gradients over ranks)
+    w_mb = response tokens of mb (token-mean) or sequences of mb (seq-mean-*), W = sum of w_mb on all ranks
+
+so splitting into micro-batches or ranks does not change the update (up to float summation order).
+
+Log-probs use the causal-LM convention of the packed layout: logprobs[t] = log pi(x_t | x_<t of the same
+sequence) / temperature-scaled as in the rollout, 0 at the first token of every sequence (nothing predicts
+it, and it is a prompt token, so the response mask is 0 there). `use_fused_kernels` selects
+`rexrag_fast.ops.linear_logprobs` (no [T, V] logits) or the eager path (materialised logits, log_softmax).
+
+ZeRO-3 needs every rank to run the same number of forward/backward passes (parameters are gathered
+collectively), so micro-batch counts are equalised across ranks with zero-weight repeats.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rexrag_fast.train import distributed as dist_utils
+from rexrag_fast.train.config import Config
+from rexrag_fast.train.packing import PackedBatch
+
+LossFn = Callable[[torch.Tensor, "torch.Tensor | None", PackedBatch], "tuple[torch.Tensor, Mapping[str, Any]]"]
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------------ log-probs
+
+
+def next_token_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: int = IGNORE_INDEX
+                      ) -> torch.Tensor:
+    """labels[t] = input_ids[t+1] inside a sequence, `ignore_index` at each sequence's last token. [T] -> [T]."""
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:-1] = input_ids[1:]
+    labels[cu_seqlens[1:].long() - 1] = ignore_index
+    return labels
+
+
+def shift_to_tokens(per_position: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Move values computed at position t for token t+1 onto token t+1; 0 at every sequence start. [T] -> [T]."""
+    out = torch.zeros_like(per_position)
+    out[1:] = per_position[:-1]
+    out[cu_seqlens[:-1].long()] = 0
+    return out
+
+
+class PolicyLogprobs(nn.Module):
+    """Wrap a Hugging Face causal LM so that forward(packed batch) returns per-token log-probs (and entropy).
+
+    forward(input_ids [T], position_ids [T], cu_seqlens [B+1]) -> (logprobs [T] fp32, entropy [T] fp32 | None).
+    Sequences are kept apart by the restarting position_ids (transformers builds a block-diagonal causal
+    mask from them when no attention mask is given; flash-attention uses them as varlen boundaries).
+    The lm-head weight is registered as an external parameter so ZeRO-3 gathers it for the fused op,
+    which reads it outside the lm-head module.
+    """
+
+    def __init__(self, model: nn.Module, *, fused: bool, temperature: float = 1.0, compute_entropy: bool = False
+                 ) -> None:
+        super().__init__()
+        self.model = model
+        self.fused = fused
+        self.temperature = float(temperature)
+        self.compute_entropy = compute_entropy
+        self._external_registered = False
+
+    def register_external_lm_head(self) -> None:
+        """Call after ZeRO-3 partitioning (deepspeed.initialize) when using the fused path."""
+        if self.fused and not self._external_registered:
+            weight = self.model.get_output_embeddings().weight
+            if hasattr(weight, "ds_id"):
+                from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+                register_external_parameter(self, weight)
+            self._external_registered = True
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False)
+        hidden = hidden.last_hidden_state[0]  # [T, H]
+        labels = next_token_labels(input_ids, cu_seqlens)
+        lm_head = self.model.get_output_embeddings()
+        if self.fused:
+            from rexrag_fast.ops.linear_logprobs import linear_logprobs
+
+            out = linear_logprobs(hidden, lm_head.weight, labels, temperature=self.temperature,
+                                  return_entropy=self.compute_entropy, bias=lm_head.bias,
+                                  ignore_index=IGNORE_INDEX)
+            lp, ent = out if self.compute_entropy else (out, None)
+        else:
+            logits = lm_head(hidden).float() / self.temperature  # [T, V]
+            log_probs = torch.log_softmax(logits, dim=-1)
+            valid = labels != IGNORE_INDEX
+            lp = log_probs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1) * valid
+            ent = None
+            if self.compute_entropy:  # H = logsumexp(z) - sum softmax(z) z
+                ent = (torch.logsumexp(logits, -1) - (log_probs.exp() * logits).sum(-1)) * valid
+        lp = shift_to_tokens(lp.float(), cu_seqlens)
+        ent = shift_to_tokens(ent.float(), cu_seqlens) if ent is not None else None
+        return lp, ent
+
+
+# ----------------------------------------------------------------------------------------- DeepSpeed
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """'bf16' or 'fp32': auto means bf16 on a GPU and fp32 on the CPU."""
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def build_deepspeed_config(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config dict for the actor. Gradient accumulation is driven by the actor (variable
+    micro-batch counts), so DeepSpeed sees one micro-batch per step and a boundary flag set by hand."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero["contiguous_gradients"] = True
+        zero["overlap_comm"] = device.type == "cuda"
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.actor.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_precision(cfg, device) == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW also with optimizer offload
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
+    """verl's constant schedule with linear warmup: lr = base * min(1, step / warmup_steps) (base if 0)."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, step / warmup_steps)
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def equalise_across_ranks(batches: Sequence[PackedBatch], device: torch.device) -> list[tuple[PackedBatch, bool]]:
+    """`batches` paired with True, then (smallest batch, False) repeats up to the largest count on any rank.
+
+    ZeRO-3 gathers parameters collectively in every forward, so all ranks must run as many forwards as
+    the busiest one; the repeats' results are dropped and their loss weight is 0."""
+    n = len(batches)
+    most = n
+    if dist_utils.is_initialized():
+        t = torch.tensor([n], dtype=torch.int64, device=_comm_device(device))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        most = int(t.item())
+    if n == 0 and most > 0:
+        raise ValueError("a rank has no micro-batch while others have some; shard prompts evenly across ranks")
+    pairs = [(b, True) for b in batches]
+    if most > n:
+        smallest = min(batches, key=lambda b: b.num_tokens)
+        pairs += [(smallest, False)] * (most - n)
+    return pairs
+
+
+def _to_float(v: Any) -> float:
+    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+class ZeroActor:
+    """A causal LM trained with DeepSpeed (ZeRO stage from config) by a caller-supplied policy loss.
+
+    Construct on every rank after `distributed.init_distributed()`, with the same initial weights on every
+    rank (ZeRO-3 partitions them at construction). fp32 on the CPU, bf16 on a GPU unless configured.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, loss_fn: LossFn, *, device: torch.device | None = None,
+                 compute_entropy: bool = True) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.loss_fn = loss_fn
+        self.device = device or dist_utils.default_device()
+        if cfg.deepspeed.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+        self.module = PolicyLogprobs(model, fused=cfg.actor.use_fused_kernels,
+                                     temperature=cfg.rollout.temperature, compute_entropy=compute_entropy)
+        self.ds_config = build_deepspeed_config(cfg, self.device)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.actor.lr, betas=tuple(cfg.actor.betas),
+                                      weight_decay=cfg.actor.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=self.ds_config)
+        self.module.register_external_lm_head()
+        total = cfg.trainer.max_steps
+        self.warmup_steps = int(cfg.actor.lr_warmup_steps_ratio * total)
+
+    # -------------------------------------------------------------------------------------- forward
+
+    def _forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = batch.to(self.device)
+        return self.engine(b.input_ids, b.position_ids, b.cu_seqlens)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batches: Sequence[PackedBatch]) -> list[torch.Tensor]:
+        """Log-probs [T_i] (fp32, on the CPU) of each packed batch under the current weights, no gradient.
+
+        Collective under ZeRO-3: every rank must call it with the same number of batches (pad with a
+        repeat when shards differ)."""
+        self.engine.eval()
+        out = [self._forward(b)[0].cpu() for b, counts in equalise_across_ranks(batches, self.device) if counts]
+        self.engine.train()
+        return out
+
+    # --------------------------------------------------------------------------------------- update
+
+    def _weight(self, batch: PackedBatch) -> float:
+        if self.cfg.algorithm.loss_agg_mode == "token-mean":
+            mask = batch.per_token.get("response_mask")
+            if mask is None:
+                raise KeyError("batch.per_token['response_mask'] is required (the loss counts response tokens)")
+            return float(mask.sum())
+        return float(batch.num_sequences)
+
+    def _comm_device(self) -> torch.device:
+        return _comm_device(self.device)
+
+    def _global_sum(self, value: float) -> float:
+        if not dist_utils.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def update(self, mini_batches: Sequence[Sequence[PackedBatch]], step: int = 0) -> dict[str, float]:
+        """ppo_epochs x len(mini_batches) optimizer steps, as verl's dp_actor.update_policy.
+
+        mini_batches: this rank's mini-batches, each a list of packed micro-batches whose per_token dict holds
+        what `loss_fn` reads (at least response_mask). Every rank passes the same number of mini-batches.
+        step: RL steps completed so far (sets the warmup learning rate).
+        Returns averaged metrics: actor/loss, actor/<loss metric> (response-token weighted),
+        actor/grad_norm, actor/lr, actor/entropy (when computed), tokens and timing on this rank.
+        """
+        n_mini = len(mini_batches)
+        if dist_utils.is_initialized():
+            counts = dist_utils.gather_objects(n_mini)
+            if len(set(counts)) != 1:
+                raise ValueError(f"mini_batches: every rank must pass the same number, got {counts} by rank")
+        lr = warmup_lr(self.cfg.actor.lr, step, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train()
+        sums: dict[str, float] = {}
+        weight_seen = 0.0
+        grad_norms: list[float] = []
+        tokens = 0
+        t0 = time.perf_counter()
+        for _epoch in range(self.cfg.actor.ppo_epochs):
+            for mini in mini_batches:
+                plan = equalise_across_ranks(mini, self.device)
+                total_w = self._global_sum(sum(self._weight(m) for m, counts in plan if counts))
+                world = dist_utils.get_world_size()
+                for i, (mb, counts) in enumerate(plan):
+                    self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+                    lp, ent = self._forward(mb)
+                    loss, metrics = self.loss_fn(lp, ent, mb.to(self.device))
+                    w = self._weight(mb) if counts else 0.0
+                    scale = w / total_w * world if total_w > 0 else 0.0
+                    self.engine.backward(loss * scale, scale_wrt_gas=False)
+                    if counts and w > 0:
+                        tokens += mb.num_tokens
+                        weight_seen += w
+                        sums["actor/loss"] = sums.get("actor/loss", 0.0) + _to_float(loss) * w
+                        for k, v in metrics.items():
+                            key = f"actor/{k}"
+                            sums[key] = sums.get(key, 0.0) + _to_float(v) * w
+                        if ent is not None:
+                            m = mb.per_token["response_mask"].to(ent.device).float() if "response_mask" in \
+                                mb.per_token else torch.ones_like(ent)
+                            ent_mean = float((ent.detach() * m).sum() / m.sum().clamp_min(1))
+                            sums["actor/entropy"] = sums.get("actor/entropy", 0.0) + ent_mean * w
+                self.engine.step()
+                gn = self.engine.get_global_grad_norm()
+                if gn is not None:
+                    grad_norms.append(_to_float(gn))
+        out = {k: v / weight_seen for k, v in sums.items()} if weight_seen > 0 else {}
+        if grad_norms:
+            out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["actor/lr"] = lr
+        out["actor/optimizer_steps"] = float(self.cfg.actor.ppo_epochs * n_mini)
+        elapsed = time.perf_counter() - t0
+        out["actor/update_tokens"] = float(tokens)
+        out["throughput/update_tokens_per_s"] = tokens / elapsed if elapsed > 0 else math.nan
+        return out
+
+    # --------------------------------------------------------------------------------- weight sync
+
+    def iter_gathered_parameters(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) for every parameter of the wrapped model, gathered one at a time from the ZeRO-3
+        shards (Hugging Face names, e.g. model.layers.0.self_attn.q_proj.weight; tied weights once).
+
+        Collective: every rank must iterate to the end together. Tensors are copies on `device`."""
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        for name, p in self.module.model.named_parameters():
+            with GatheredParameters([p], modifier_rank=None):
+                yield name, p.detach().to(device, copy=True)
+
+    def gathered_state_dict(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """All parameters gathered (see `iter_gathered_parameters`); collective, returns on every rank."""
+        return dict(self.iter_gathered_parameters(device))
+
+
+# ----------------------------------------------------------------------------------------- reference
+
+
+class ReferencePolicy:
+    """A frozen copy of the initial policy for the KL term.
+
+    placement 'cpu': a plain module on the CPU (each rank holds a full copy; fine for small models).
+    placement 'deepspeed': a ZeRO-3 inference engine without optimizer (parameters sharded like the actor's).
+    Pass a copy made BEFORE the actor's deepspeed.initialize partitions the original (`copy.deepcopy`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, *, device: torch.device | None = None) -> None:
+        placement = cfg.actor.ref_placement
+        if placement == "none":
+            raise ValueError("actor.ref_placement is 'none': no reference model is configured")
+        self.device = device or dist_utils.default_device()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.module = PolicyLogprobs(model.eval(), fused=cfg.actor.use_fused_kernels,
+                                     temperature=cfg.rollout.temperature, compute_entropy=False)
+        self.engine: Any
+        if placement == "cpu":
+            self.device = torch.device("cpu")
+            self.engine = self.module
+        else:
+            import deepspeed
+
+            ds = build_deepspeed_config(cfg, self.device)
+            ds["zero_optimization"] = {"stage": 3 if cfg.deepspeed.zero_stage == 3 else 0}
+            if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage == 3:
+                ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
+            self.engine, *_ = deepspeed.initialize(model=self.module, config=ds)
+            self.module.register_external_lm_head()
+        self.engine.eval()
+
+    @torch.no_grad()
+    def compute_logprobs(self, batches: Sequence[PackedBatch]) -> list[torch.Tensor]:
+        """Reference log-probs [T_i] (fp32, CPU) per batch; collective with placement 'deepspeed'."""
+        plan = equalise_across_ranks(batches, self.device) if self.engine is not self.module else \
+            [(b, True) for b in batches]
+        out = []
+        for b, counts in plan:
+            d = b.to(self.device)
+            lp = self.engine(d.input_ids, d.position_ids, d.cu_seqlens)[0].float().cpu()
+            if counts:
+                out.append(lp)
+        return out
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy for `ReferencePolicy`; take it before the actor partitions `model`."""
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()

@@ -1,0 +1,143 @@
+"""Rank/world helpers that also work in a single process without torch.distributed, batch sharding across
+ranks, and process-group set-up/tear-down (gloo on CPU, nccl on GPU, through DeepSpeed).
+
+Launch with `torchrun --nproc_per_node=N script.py` or `deepspeed --num_gpus N script.py` (multi-node:
+`deepspeed --hostfile hostfile ...` or torchrun's --nnodes/--rdzv-endpoint). The launchers set RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which `init_distributed` reads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """`obj` from rank `src` on every rank (picklable objects); identity without a process group."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics across ranks (same keys on every rank)."""
+    if not is_initialized() or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is usable, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Create the default process group through DeepSpeed: gloo on CPU, nccl on GPU unless `backend` says.
+
+    Safe to call twice. On CPU DeepSpeed needs DS_ACCELERATOR=cpu (set here if unset) and builds a small
+    shared-memory comm extension the first time; TORCH_EXTENSIONS_DIR defaults to a per-user cache so later
+    runs reuse it.
+    """
+    if is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "rexrag_fast", "torch_extensions")
+    )
+    import deepspeed
+
+    if cuda:
+        torch.cuda.set_device(get_local_rank())
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"))
+    atexit.register(destroy_process_group)
+
+
+def destroy_process_group() -> None:
+    """Tear the default process group down if there is one (idempotent). Exiting without it makes gloo
+    abort intermittently at interpreter shutdown."""
+    if is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(backend: str | None = None) -> Iterator[None]:
+    """`with distributed_session(): ...` initialises the process group and always destroys it on exit."""
+    init_distributed(backend)
+    try:
+        yield
+    finally:
+        destroy_process_group()
+
+
+def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """The contiguous slice of `n` items owned by `rank`: sizes differ by at most one, lower ranks larger.
+
+    rank r gets [r*q + min(r, m), (r+1)*q + min(r+1, m)) with q, m = divmod(n, world_size).
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    q, m = divmod(n, world_size)
+    start = rank * q + min(rank, m)
+    return range(start, start + q + (1 if rank < m else 0))
+
+
+def shard_batch(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
+    """This rank's contiguous share of `items` (see `shard_range`). Keep group members together by
+    sharding prompts, not trajectories, before rollouts expand each prompt into its group."""
+    return [items[i] for i in shard_range(len(items), rank, world_size)]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank; `[obj]` without a process group."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

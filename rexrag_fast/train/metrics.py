@@ -1,0 +1,188 @@
+"""Per-step metrics: a JSONL file, a tqdm bar, TensorBoard when installed, and curves as a PNG at the end.
+
+Metric names are `section/name` as in verl (`reward/mean`, `actor/pg_clipfrac`, `actor/kl`,
+`throughput/train_tokens_per_s`, `memory/peak_bytes`, ...). Each JSONL line is one step:
+
+    {"step": 12, "time": 1764080000.1, "reward/mean": 0.41, "actor/loss": 0.013, ...}
+
+Only rank 0 writes (`enabled=False` elsewhere). On resume from step k, lines with step > k (written after
+the checkpoint by the run that died) are dropped, so the file again describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+REWARD_KEYS = ("reward/mean", "reward/em", "reward")
+THROUGHPUT_PREFIX = "throughput/"
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> int:
+    """Peak memory so far: CUDA max allocated on a GPU device, else this process's peak resident set."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The JSONL lines of `path` as dicts (a torn last line from a crash is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _scalar(v: Any) -> float | int | str | bool | None:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().item() if v.numel() == 1 else None
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # numpy scalars
+        v = v.item()
+    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+class MetricsLogger:
+    """Write one record per step to `<output_dir>/metrics.jsonl`, tqdm and TensorBoard."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        total_steps: int | None = None,
+        start_step: int = 0,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+        postfix_keys: Sequence[str] = ("reward/mean", "actor/loss", "throughput/train_tokens_per_s"),
+    ) -> None:
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / METRICS_FILE
+        self.postfix_keys = tuple(postfix_keys)
+        self._tb = None
+        self._bar = None
+        self._file = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # Line-buffered: a crash loses at most one line. Closed in close().
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:  # tensorboard is optional; the JSONL file has everything
+                self._tb = None
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    @property
+    def tensorboard_enabled(self) -> bool:
+        return self._tb is not None
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Record `metrics` for `step`; returns the record written."""
+        record: dict[str, Any] = {"step": int(step), "time": time.time()}
+        record.update({k: _scalar(v) for k, v in metrics.items()})
+        if not self.enabled:
+            return record
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            post = {k.split("/")[-1]: f"{record[k]:.4g}" for k in self.postfix_keys
+                    if isinstance(record.get(k), (int, float))}
+            if post:
+                self._bar.set_postfix(post, refresh=False)
+        return record
+
+    def close(self, plot: bool = True) -> Path | None:
+        """Flush and close everything; draw the curves PNG when `plot`. Returns the PNG path if drawn."""
+        if not self.enabled:
+            return None
+        png = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if plot and self.path.exists():
+            png = plot_curves(self.path, self.output_dir / CURVES_FILE)
+        return png
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Reward (first of REWARD_KEYS present) and every `throughput/*` metric against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in rows
+               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+               and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    reward_key = next((k for k in REWARD_KEYS if any(k in r for r in rows)), None)
+    tput_keys = sorted({k for r in rows for k in r if k.startswith(THROUGHPUT_PREFIX)})
+    fig, (ax_r, ax_t) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    if reward_key is not None:
+        ax_r.plot(*series(reward_key), marker=".", label=reward_key)
+        ax_r.legend(loc="best")
+    else:
+        ax_r.text(0.5, 0.5, "no reward metric logged", ha="center", va="center", transform=ax_r.transAxes)
+    ax_r.set_ylabel("reward")
+    ax_r.set_title("training curves")
+    for k in tput_keys:
+        ax_t.plot(*series(k), marker=".", label=k[len(THROUGHPUT_PREFIX):])
+    if tput_keys:
+        ax_t.legend(loc="best", fontsize="small")
+    else:
+        ax_t.text(0.5, 0.5, "no throughput metric logged", ha="center", va="center", transform=ax_t.transAxes)
+    ax_t.set_ylabel("tokens / s")
+    ax_t.set_xlabel("step")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

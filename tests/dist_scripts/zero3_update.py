@@ -1,0 +1,182 @@
+"""A real multi-process ZeRO-3 training run on a fixed synthetic batch, launched by tests/test_zero3_actor.py:
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 --master_port=PORT tests/dist_scripts/zero3_update.py \\
+        --out DIR [--max-steps N] [--save-every K] [--sigterm-at-step S] [--resume] [--eager]
+
+Each RL step: this rank's prompts (shard of a fixed synthetic set, n responses each) get fresh 0/1 rewards
+from the global torch RNG (standing in for rollouts, so resume must restore RNG state), GRPO advantages,
+old and reference log-probs from the actor / reference model, then `ZeroActor.update`: ppo_epochs x
+mini-batches of packed micro-batches. Metrics go to DIR/metrics.jsonl (rank 0), checkpoints to
+DIR/checkpoints, and the gathered weights before/after to DIR/weights_step{S}.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+
+from rexrag_fast.train import distributed as du
+from rexrag_fast.train.actor import ReferencePolicy, ZeroActor, frozen_copy
+from rexrag_fast.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from rexrag_fast.train.config import Config, load_config
+from rexrag_fast.train.metrics import MetricsLogger
+from rexrag_fast.train.packing import PackedBatch, plan_mini_batches
+from rexrag_fast.train.signals import GracefulStop
+
+VOCAB = 96
+PROMPTS = 6  # whole set; each rank takes its shard
+N_AGENT = 2
+
+
+def tiny_qwen2(seed: int) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model.float()
+
+
+def synthetic_trajectories(prompt_ids: range) -> tuple[list[list[int]], list[torch.Tensor], list[int]]:
+    """Token ids, response masks and group ids for the given prompts, a fixed function of the prompt id."""
+    ids, masks, groups = [], [], []
+    for p in prompt_ids:
+        g = torch.Generator().manual_seed(1000 + p)
+        prompt = torch.randint(0, VOCAB, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(N_AGENT):
+            resp_len = int(torch.randint(3, 12, (1,), generator=g))
+            resp = torch.randint(0, VOCAB, (resp_len,), generator=g).tolist()
+            ids.append(prompt + resp)
+            masks.append(torch.cat([torch.zeros(len(prompt), dtype=torch.bool), torch.ones(resp_len, dtype=torch.bool)]))
+            groups.append(p)
+    return ids, masks, groups
+
+
+def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps) per sequence (unbiased std, as verl)."""
+    adv = torch.zeros_like(rewards)
+    for g in groups.unique():
+        sel = groups == g
+        r = rewards[sel]
+        adv[sel] = (r - r.mean()) / (r.std() + eps) if r.numel() > 1 else 0.0
+    return adv
+
+
+def ppo_kl_loss(cfg: Config):
+    """Token-mean clipped PPO loss + low_var_kl term over one micro-batch's response tokens (verl formulas)."""
+    a = cfg.algorithm
+
+    def loss_fn(lp: torch.Tensor, entropy: torch.Tensor | None, b: PackedBatch):
+        mask = b.per_token["response_mask"].float()
+        n = mask.sum().clamp_min(1.0)
+        adv = b.per_token["advantages"]
+        log_ratio = (lp - b.per_token["old_logprobs"]).clamp(-20, 20)
+        ratio = log_ratio.exp()
+        l1 = -adv * ratio
+        l2 = -adv * ratio.clamp(1 - a.clip_ratio_low, 1 + a.clip_ratio_high)
+        pg = torch.maximum(l1, l2)
+        kl_lr = (b.per_token["ref_logprobs"] - lp).clamp(-20, 20)
+        kl = (kl_lr.exp() - kl_lr - 1).clamp(-10, 10)  # k3 / low_var_kl
+        loss = ((pg + a.kl_coef * kl) * mask).sum() / n
+        metrics = {"pg_clipfrac": ((l2 > l1).float() * mask).sum() / n, "kl": (kl.detach() * mask).sum() / n}
+        return loss, metrics
+
+    return loss_fn
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-steps", type=int, default=3)
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--sigterm-at-step", type=int, default=0, help="send SIGTERM to itself during this step")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--ref", default="deepspeed", choices=["cpu", "deepspeed"])
+    args = ap.parse_args()
+
+    du.init_distributed()
+    rank, world = du.get_rank(), du.get_world_size()
+    cfg = load_config(None, [
+        f"trainer.output_dir={args.out}", f"trainer.max_steps={args.max_steps}", "trainer.seed=7",
+        f"trainer.save_every={args.save_every}", "trainer.keep_last=2",
+        "data.train_batch_size=6", "data.max_prompt_length=32", "data.max_start_length=16",
+        "data.max_response_length=16", f"rollout.n_agent={N_AGENT}",
+        "actor.lr=2e-3", "actor.ppo_epochs=2", "actor.ppo_mini_batch_size=3", "actor.max_tokens_per_micro_batch=48",
+        f"actor.use_fused_kernels={'false' if args.eager else 'true'}", f"actor.ref_placement={args.ref}",
+        "deepspeed.zero_stage=3", "deepspeed.precision=fp32", "deepspeed.gradient_checkpointing=true",
+        "algorithm.kl_coef=0.01",
+    ])
+    model = tiny_qwen2(cfg.trainer.seed)
+    ref = ReferencePolicy(frozen_copy(model), cfg)
+    actor = ZeroActor(model, cfg, ppo_kl_loss(cfg))
+    random.seed(cfg.trainer.seed + rank)
+    np.random.seed(cfg.trainer.seed + rank)
+    torch.manual_seed(cfg.trainer.seed + rank)
+
+    ckpt_root = os.path.join(args.out, "checkpoints")
+    state = TrainerState(engine_config=actor.ds_config)
+    if args.resume:
+        loaded = load_checkpoint(ckpt_root, actor.engine)
+        if loaded is None:
+            raise SystemExit("--resume: no good checkpoint found")
+        state = loaded.state
+        if rank == 0:
+            for msg in loaded.skipped:
+                print(msg, flush=True)
+            print(f"resumed from {loaded.path} at step {state.step}", flush=True)
+    else:
+        weights = actor.gathered_state_dict()
+        if rank == 0:
+            torch.save(weights, os.path.join(args.out, "weights_step0.pt"))
+
+    my_prompts = du.shard_range(PROMPTS, rank, world)
+    ids, masks, groups = synthetic_trajectories(my_prompts)
+    group_t = torch.tensor(groups)
+    num_mini = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
+    logger = MetricsLogger(args.out, total_steps=cfg.trainer.max_steps, start_step=state.step, enabled=rank == 0,
+                           tensorboard=False, progress_bar=False)
+    with GracefulStop() as stop:
+        while state.step < cfg.trainer.max_steps:
+            rewards = torch.bernoulli(torch.full((len(ids),), 0.5))
+            adv = grpo_advantages(rewards, group_t)
+            per_token = {"response_mask": masks, "advantages": [adv[i] * masks[i].float() for i in range(len(ids))]}
+            minis = plan_mini_batches(ids, num_mini, cfg.actor.max_tokens_per_micro_batch, per_token,
+                                      {"rewards": rewards, "group_ids": group_t}, group_size=N_AGENT)
+            flat = [mb for mini in minis for mb in mini]
+            for mb, old, ref_lp in zip(flat, actor.compute_logprobs(flat), ref.compute_logprobs(flat)):
+                mb.per_token["old_logprobs"] = old
+                mb.per_token["ref_logprobs"] = ref_lp
+            if args.sigterm_at_step == state.step + 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            m = actor.update(minis, step=state.step)
+            state.step += 1
+            state.data_position += PROMPTS
+            m["reward/mean"] = float(rewards.mean())
+            logger.log(state.step, du.all_reduce_mean({k: v for k, v in m.items() if not k.startswith("throughput")}))
+            stopping = stop.requested_on_any_rank()
+            if stopping or (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0):
+                save_checkpoint(ckpt_root, state, actor.engine, keep_last=cfg.trainer.keep_last)
+            if stopping:
+                if rank == 0:
+                    print(f"stopped by signal after step {state.step}", flush=True)
+                break
+    weights = actor.gathered_state_dict()
+    if rank == 0:
+        torch.save(weights, os.path.join(args.out, f"weights_step{state.step}.pt"))
+    logger.close()
+    du.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
