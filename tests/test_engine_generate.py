@@ -1,0 +1,144 @@
+"""Rollout engine vs transformers: greedy tokens, log-probs, prefix reuse, preemption, chunked prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
+from rexrag_fast.engine.hf_reference import hf_greedy, hf_logprobs
+from rexrag_fast.engine.models import tiny_model
+from rexrag_fast.testing import assert_close
+
+VOCAB = 512
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, stop=())
+
+
+def prompts_of(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls run far faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_model("qwen2", vocab_size=VOCAB, seed=0)
+
+
+@pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_greedy_batch_matches_transformers(arch, tied, block_size):
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1, tie_word_embeddings=tied)
+    prompts = prompts_of([1, 5, 16, 23, 40])
+    engine = LLMEngine(model, config=EngineConfig(num_blocks=64, block_size=block_size))
+    outs = engine.generate([Request(p, GREEDY) for p in prompts])
+    for p, out in zip(prompts, outs):
+        assert out.token_ids[: len(p)] == p and out.prompt_len == len(p)
+        assert out.output_token_ids == hf_greedy(model, p, GREEDY.max_tokens)
+        assert out.finish_reason == "length"
+        assert len(out.output_logprobs) == len(out.output_token_ids)
+    assert engine.counters.prompt_tokens == sum(map(len, prompts))
+    assert engine.counters.prefill_tokens == sum(map(len, prompts))
+    assert engine.counters.generated_tokens == GREEDY.max_tokens * len(prompts)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
+def test_logprobs_match_full_forward(qwen, temperature):
+    prompts = prompts_of([7, 19, 33], seed=3)
+    sp = SamplingParams(temperature=temperature, max_tokens=10, stop=(), seed=5)
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=32, block_size=8))
+    for p, out in zip(prompts, engine.generate([Request(p, sp) for p in prompts])):
+        expected = hf_logprobs(qwen, out.token_ids, len(p), temperature or 1.0)
+        assert_close(torch.tensor(out.output_logprobs), expected, torch.float32, name="output_logprobs")
+
+
+def test_prefix_reuse_keeps_greedy_tokens(qwen):
+    """Second round: prompts extending the first round's completions reuse their cached full blocks."""
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=96, block_size=4))
+    first = engine.generate([Request(p, GREEDY) for p in prompts_of([6, 13, 21], seed=4)])
+    engine.reset_counters()
+    tails = prompts_of([3, 9, 1], seed=5)
+    reqs = [engine.extend(c, t, GREEDY) for c, t in zip(first, tails)]
+    outs = engine.generate(reqs)
+    for req, out in zip(reqs, outs):
+        assert out.output_token_ids == hf_greedy(qwen, req.prompt_token_ids, GREEDY.max_tokens)
+    # each first-round completion had len - 1 tokens computed; their full blocks are reused
+    expected_cached = sum((len(c.token_ids) - 1) // 4 * 4 for c in first)
+    assert engine.counters.cached_tokens == expected_cached
+    assert engine.counters.prefill_tokens == sum(len(r.prompt_token_ids) for r in reqs) - expected_cached
+
+
+def test_shared_prompt_prefix_in_one_batch(qwen):
+    """Requests submitted together that share a prefix: the later ones reuse what earlier ones cached."""
+    base = prompts_of([24], seed=6)[0]
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=64, block_size=8, max_num_seqs=1))
+    prompts = [base + t for t in prompts_of([2, 5, 9], seed=7)]
+    outs = engine.generate([Request(p, GREEDY) for p in prompts])
+    for p, out in zip(prompts, outs):
+        assert out.output_token_ids == hf_greedy(qwen, p, GREEDY.max_tokens)
+    assert engine.counters.cached_tokens == 2 * 24  # max_num_seqs=1: each later one finds the first's 3 blocks
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_under_small_pool(qwen, prefix_caching):
+    prompts = prompts_of([5, 9, 14, 3, 11, 7], seed=8)
+    sp = SamplingParams(temperature=0.0, max_tokens=20, stop=())
+    # each sequence needs up to ceil(34 / 4) = 9 blocks; 6 of them never fit in 12 blocks at once
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=12, block_size=4,
+                                                 enable_prefix_caching=prefix_caching))
+    outs = engine.generate([Request(p, sp) for p in prompts])
+    assert engine.counters.preemptions > 0
+    for p, out in zip(prompts, outs):
+        assert out.output_token_ids == hf_greedy(qwen, p, sp.max_tokens)
+        assert_close(torch.tensor(out.output_logprobs), hf_logprobs(qwen, out.token_ids, len(p)),
+                     torch.float32, name="logprobs after preemption")
+    allocator = engine.block_manager.allocator
+    cache = engine.block_manager.cache
+    cache.check_invariants()
+    assert cache.locked_blocks == 0
+    assert allocator.num_free + cache.evictable_blocks == allocator.num_blocks  # nothing leaked
+
+
+def test_chunked_prefill_and_token_budget(qwen):
+    prompts = prompts_of([37, 4, 50], seed=9)
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=64, block_size=8, max_num_batched_tokens=16))
+    outs = engine.generate([Request(p, GREEDY) for p in prompts])
+    for p, out in zip(prompts, outs):
+        assert out.output_token_ids == hf_greedy(qwen, p, GREEDY.max_tokens)
+
+
+def test_context_limit_finishes_with_length():
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=2, max_position_embeddings=24)
+    engine = LLMEngine(model, config=EngineConfig(num_blocks=16, block_size=4))
+    out = engine.generate([Request(prompts_of([20])[0], SamplingParams(temperature=0, max_tokens=50, stop=()))])[0]
+    assert len(out.token_ids) == 24 and out.finish_reason == "length"
+
+
+def test_update_weights_in_place_and_new_namespace(qwen):
+    other = tiny_model("qwen2", vocab_size=VOCAB, seed=11)
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=32, block_size=4))
+    prompt = prompts_of([18], seed=12)[0]
+    engine.generate([Request(prompt, GREEDY)])
+    pool = engine.runner.kv.data
+    engine.reset_counters()
+    engine.update_weights(other.state_dict())
+    assert engine.runner.kv.data is pool and engine.weights_version == 1
+    out = engine.generate([Request(prompt, GREEDY)])[0]
+    assert engine.counters.cached_tokens == 0  # the old weights' KV is never reused
+    assert out.output_token_ids == hf_greedy(other, prompt, GREEDY.max_tokens)
+    engine.update_weights(qwen)
+    assert engine.generate([Request(prompt, GREEDY)])[0].output_token_ids == hf_greedy(qwen, prompt, 12)
+
+
+def test_state_dict_with_model_config(qwen):
+    engine = LLMEngine(qwen.state_dict(), model_config=qwen.config, config=EngineConfig(num_blocks=16))
+    prompt = prompts_of([9], seed=13)[0]
+    assert engine.generate([Request(prompt, GREEDY)])[0].output_token_ids == hf_greedy(qwen, prompt, 12)
