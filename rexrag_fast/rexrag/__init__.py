@@ -8,13 +8,16 @@ arrays/tensors, rewards), independent of the agent's Trajectory type:
 - `dead_ends`: which answered originals get a probe;
 - `filtering`: keep all originals and the best-ranked probes within an adaptive budget (keep_ratio EMA);
 - `probe_distribution`: the prefix trie over the tokenised pool, log mu per token (`probe_logprobs`) and
-  alpha, the inputs of `rexrag_fast.ops.fused_policy_loss(probe_logprobs=..., alpha=...)`.
+  alpha, the inputs of `rexrag_fast.ops.fused_policy_loss(probe_logprobs=..., alpha=...)`;
+- `probes` (imported on its own, it pulls in the agent loop and the engine): `make_probes` forks dead-end
+  trajectories at their answer with one prompt appended, `run_probes` continues them on the engine.
 
-One training step: roll out n_agent trajectories per question -> exact-match rewards -> `select_dead_ends`
--> probes (history up to the answer, answer span dropped, one prompt appended, continued for the remaining
-turns; same group id as the source) -> old log-probs -> `prompt_mean_logprobs` + `select_trajectories`
-with `keep_probe_count(keep_ratio.value, ...)` -> `policy_correction` -> loss -> `keep_ratio.update(
-probe_accuracy(...))`.
+One training step: roll out n_agent trajectories per question -> exact-match rewards -> dead ends
+(`select_dead_ends`, inside `probes.make_probes`) -> probes forked and run (`probes.run_probes`: history up
+to the answer, answer span dropped, one prompt appended, continued for the remaining turns; same group id
+as the source) -> old log-probs -> `prompt_mean_logprobs` + `select_trajectories` with
+`keep_probe_count(keep_ratio.value, ...)` -> `policy_correction` -> loss ->
+`keep_ratio.update(probe_accuracy(...))`.
 
 Config keys (names as in the reference; default = its verl/trainer/config/ppo_trainer.yaml, script = its
 scripts/search-r1-sgl/run_grpo_sglang_fsdp.sh):
