@@ -166,20 +166,21 @@ def _torch_forward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, cfg: _LossCo
     lpf, oldf, probef, adv, reff, seq = _token_inputs(lp, old, cu, adv_seq, adv_tok, ref, probe)
     t = _token_terms(lpf, oldf, probef, adv, reff, cfg, want_grad=False)
     live = mask
-    zero = torch.zeros((), device=lp.device)
-    loss = torch.where(live, t["loss"], zero)
-    kl = torch.where(live, t["kl"], zero) if "kl" in t else torch.zeros_like(loss)
-    ones = live.float()
-    isw = torch.where(live, torch.exp(oldf - t["beh"]), zero) if probe is not None else ones
-    table = torch.stack([loss, kl, ones, (live & t["clipped"]).float(), (live & t["clipped_lower"]).float(),
-                         torch.where(live, -t["d"], zero), torch.where(live, t["ratio"], zero), isw], dim=1)
-    totals = table.sum(dim=0)
+    masked = lambda x: torch.where(live, x, 0.0)  # noqa: E731  (masked-out garbage, even NaN, gives 0)
+    loss = masked(t["loss"])
+    kl = masked(t["kl"]) if "kl" in t else None
+    tokens = live.sum().float()
+    sums = [loss.sum(), kl.sum() if kl is not None else torch.zeros_like(tokens), tokens,
+            (live & t["clipped"]).sum().float(), (live & t["clipped_lower"]).sum().float(), -masked(t["d"]).sum(),
+            masked(t["ratio"]).sum(), masked(torch.exp(oldf - t["beh"])).sum() if probe is not None else tokens]
+    totals = torch.stack(sums)
     seq_sums = None
     if per_seq:
         if seq is None:
             seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=lp.device),
                                           (cu[1:] - cu[:-1]).long(), output_size=lp.numel())
-        seq_sums = torch.zeros(cu.numel() - 1, 3, device=lp.device).index_add_(0, seq, table[:, :3])
+        columns = torch.stack([loss, kl if kl is not None else torch.zeros_like(loss), live.float()])
+        seq_sums = torch.zeros(3, cu.numel() - 1, device=lp.device).index_add_(1, seq, columns).T
     return totals, seq_sums
 
 
