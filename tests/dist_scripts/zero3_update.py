@@ -56,7 +56,9 @@ def synthetic_trajectories(prompt_ids: range) -> tuple[list[list[int]], list[tor
             resp_len = int(torch.randint(3, 12, (1,), generator=g))
             resp = torch.randint(0, VOCAB, (resp_len,), generator=g).tolist()
             ids.append(prompt + resp)
-            masks.append(torch.cat([torch.zeros(len(prompt), dtype=torch.bool), torch.ones(resp_len, dtype=torch.bool)]))
+            mask = torch.zeros(len(prompt) + resp_len, dtype=torch.bool)
+            mask[len(prompt):] = True
+            masks.append(mask)
             groups.append(p)
     return ids, masks, groups
 
