@@ -45,7 +45,12 @@ class Embedder:
     def __init__(self, name: str = DEFAULT_EMBEDDER, device: str | None = None, batch_size: int = 64,
                  max_length: int = 256) -> None:
         import torch
-        from sentence_transformers import SentenceTransformer, models
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+        except ImportError:  # sentence-transformers < 6
+            from sentence_transformers.models import Pooling, Transformer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -60,8 +65,10 @@ class Embedder:
                                     "pass a directory holding the model")
         if self.is_e5:
             # Search-R1 encodes e5 with mean pooling whatever the checkpoint's own pooling config says.
-            word = models.Transformer(path, max_seq_length=max_length)
-            pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+            word = Transformer(path, max_seq_length=max_length)
+            dim = word.get_embedding_dimension() if hasattr(word, "get_embedding_dimension") \
+                else word.get_word_embedding_dimension()
+            pool = Pooling(dim, pooling_mode="mean")
             self.model = SentenceTransformer(modules=[word, pool], device=self.device)
         else:
             self.model = SentenceTransformer(path, device=self.device)

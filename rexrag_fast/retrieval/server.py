@@ -26,6 +26,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
 from rexrag_fast.retrieval.local import LocalRetriever
 
 
@@ -190,16 +193,13 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
 
 
 def create_app(retriever: LocalRetriever, limits: ServerLimits | None = None,
-               batching: BatchingConfig | None = None) -> Any:
+               batching: BatchingConfig | None = None) -> FastAPI:
     """The FastAPI application serving `retriever`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
     limits = limits or ServerLimits()
     batcher = MicroBatcher(retriever, batching or BatchingConfig())
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: Any) -> AsyncIterator[None]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         yield
         await batcher.stop()
@@ -232,7 +232,7 @@ def create_app(retriever: LocalRetriever, limits: ServerLimits | None = None,
     return app
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) more than `limit` bytes without reading past the limit."""
     declared = request.headers.get("content-length")
     if declared is not None:
