@@ -15,6 +15,7 @@ from rexrag_fast.train.packing import (
     pack_sequences,
     packed_to_padded,
     padded_to_packed,
+    plan_mini_batches,
     scatter_back,
     unpack,
 )
@@ -161,3 +162,33 @@ def test_padded_packed_round_trip(lengths: list[int], extra: int, left: bool, se
 def test_padded_to_packed_shape_error() -> None:
     with pytest.raises(ValueError, match="attention_mask: expected shape"):
         padded_to_packed(torch.zeros(2, 5), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize(("groups", "group_size", "num_mini"), [(6, 2, 2), (5, 3, 2), (4, 1, 4), (3, 5, 1)])
+def test_plan_mini_batches_keeps_groups_and_order(groups: int, group_size: int, num_mini: int) -> None:
+    n = groups * group_size
+    lengths = [(7 * i) % 11 + 1 for i in range(n)]
+    ids = [[i] * lengths[i] for i in range(n)]
+    minis = plan_mini_batches(ids, num_mini, 12, per_sequence={"group_ids": torch.arange(n) // group_size},
+                              group_size=group_size)
+    assert len(minis) == num_mini
+    seen = []
+    for mini in minis:
+        idx = sorted(i for mb in mini for i in mb.seq_index.tolist())
+        assert idx == list(range(idx[0], idx[-1] + 1))  # a contiguous run of the caller's sequences
+        assert len(idx) % group_size == 0 and idx[0] % group_size == 0  # whole groups only
+        assert all(mb.num_tokens <= 12 for mb in mini)
+        seen += idx
+    assert seen == list(range(n))
+    sizes = [sum(mb.num_sequences for mb in mini) // group_size for mini in minis]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize(
+    ("n", "num_mini", "group_size", "match"),
+    [(6, 4, 2, r"num_mini_batches: expected 1\.\.3"), (5, 1, 2, "group_size: expected a positive divisor"),
+     (4, 0, 1, r"num_mini_batches: expected 1\.\.4")],
+)
+def test_plan_mini_batches_errors(n: int, num_mini: int, group_size: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        plan_mini_batches([[1]] * n, num_mini, 8, group_size=group_size)
