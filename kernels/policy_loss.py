@@ -29,6 +29,9 @@ PARTIAL_NAMES = ("pg_sum", "kl_sum", "tokens", "clipped", "clipped_lower", "neg_
 N_PARTIALS = len(PARTIAL_NAMES)
 # Columns of the per-sequence table: (sum l, sum k, count).
 N_SEQ_COLS = 3
+# Metrics written by the finalize kernel, in order.
+METRIC_NAMES = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "kl", "ratio_mean", "is_weight_mean", "pg_loss",
+                "kl_loss")
 KL_KINDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 
 
@@ -217,6 +220,121 @@ def _policy_loss_bwd_kernel(
     tl.store(dlp_ptr + offs, dlp.to(dlp_ptr.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def _group_advantage_kernel(r_ptr, gid_ptr, adv_ptr, B, epsilon, ESTIMATOR: tl.constexpr, BLOCK_B: tl.constexpr):
+    # One program per sequence i: scan all B (reward, group id) pairs for i's group; O(B^2) work in all,
+    # which for B in the thousands is far below one launch's cost and replaces ~30 small torch ops.
+    i = tl.program_id(0)
+    r_i = tl.load(r_ptr + i).to(tl.float32)
+    g_i = tl.load(gid_ptr + i)
+    n = 0.0
+    total = 0.0
+    for start in range(0, B, BLOCK_B):
+        offs = start + tl.arange(0, BLOCK_B)
+        inside = offs < B
+        same = inside & (tl.load(gid_ptr + offs, mask=inside, other=0) == g_i)
+        r = tl.load(r_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        n += tl.sum(same.to(tl.float32), axis=0)
+        total += tl.sum(tl.where(same, r, 0.0), axis=0)
+    mean = total / n
+    if ESTIMATOR == 0:  # GRPO: (r - mean) / (std + eps), unbiased std
+        sq = 0.0
+        for start in range(0, B, BLOCK_B):
+            offs = start + tl.arange(0, BLOCK_B)
+            inside = offs < B
+            same = inside & (tl.load(gid_ptr + offs, mask=inside, other=0) == g_i)
+            dev = tl.where(same, tl.load(r_ptr + offs, mask=inside, other=0.0).to(tl.float32) - mean, 0.0)
+            sq += tl.sum(dev * dev, axis=0)
+        std = tl.sqrt(sq / tl.maximum(n - 1.0, 1.0))
+        adv = tl.where(n > 1.0, (r_i - mean) / (std + epsilon), r_i / (1.0 + epsilon))
+    elif ESTIMATOR == 1:  # Dr. GRPO: r - mean
+        adv = tl.where(n > 1.0, r_i - mean, r_i)
+    else:  # RLOO: r n/(n-1) - mean n/(n-1)
+        scale = n / tl.maximum(n - 1.0, 1.0)
+        adv = tl.where(n > 1.0, r_i * scale - mean * scale, r_i)
+    tl.store(adv_ptr + i, adv)
+
+
+@triton.jit
+def _column(row, cols, k: tl.constexpr):
+    return tl.sum(tl.where(cols == k, row, 0.0), axis=0)
+
+
+@triton.jit
+def _policy_loss_finalize_kernel(
+    partial_ptr, n_rows, seq_sum_ptr, cu_ptr, B, scale, kl_coef, loss_ptr, weight_ptr, metric_ptr,
+    AGG: tl.constexpr, SCALE_FROM_CU: tl.constexpr, HAS_REF: tl.constexpr, N_COLS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    # One program: column sums of the per-block table, the aggregation (AGG 0 token-mean,
+    # 1 seq-mean-token-sum, 2 seq-mean-token-mean, 3 seq-mean-token-sum-norm), the backward weights and
+    # the metrics. Denominators carry verl's masked_mean guard of 1e-8.
+    cols = tl.arange(0, N_COLS)
+    acc = tl.zeros([N_COLS], tl.float32)
+    for start in range(0, n_rows, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        tile = tl.load(partial_ptr + rows[:, None] * N_COLS + cols[None, :], mask=rows[:, None] < n_rows, other=0.0)
+        acc += tl.sum(tile, axis=0)
+    pg_sum = _column(acc, cols, 0)
+    kl_sum = _column(acc, cols, 1)
+    tokens = _column(acc, cols, 2)
+    if AGG == 0:
+        w = 1.0 / (tokens + 1e-8)
+        pg = pg_sum * w
+        kl = kl_sum * w
+        tl.store(weight_ptr, w)
+    elif AGG == 3:
+        if SCALE_FROM_CU:
+            longest = 1
+            for start in range(0, B, BLOCK_B):
+                offs = start + tl.arange(0, BLOCK_B)
+                inside = offs < B
+                n_s = tl.load(cu_ptr + offs + 1, mask=inside, other=0) - tl.load(cu_ptr + offs, mask=inside, other=0)
+                longest = tl.maximum(longest, tl.max(n_s, axis=0))
+            w = 1.0 / longest.to(tl.float32)
+        else:
+            w = 1.0 / scale
+        pg = pg_sum * w
+        kl = kl_sum * w
+        tl.store(weight_ptr, w)
+    else:
+        n_seqs = 0.0
+        for start in range(0, B, BLOCK_B):
+            offs = start + tl.arange(0, BLOCK_B)
+            n_s = tl.load(seq_sum_ptr + offs * 3 + 2, mask=offs < B, other=0.0)
+            n_seqs += tl.sum(tl.where(n_s > 0, 1.0, 0.0), axis=0)
+        if AGG == 1:
+            w = 1.0 / (n_seqs + 1e-8)
+            pg = pg_sum * w
+            kl = kl_sum * w
+            tl.store(weight_ptr, w)
+        else:
+            pg = 0.0
+            kl = 0.0
+            for start in range(0, B, BLOCK_B):
+                offs = start + tl.arange(0, BLOCK_B)
+                inside = offs < B
+                n_s = tl.load(seq_sum_ptr + offs * 3 + 2, mask=inside, other=0.0)
+                w_s = tl.where(n_s > 0, 1.0 / (n_s + 1e-8) / (n_seqs + 1e-8), 0.0)
+                tl.store(weight_ptr + offs, w_s, mask=inside)
+                pg += tl.sum(tl.load(seq_sum_ptr + offs * 3, mask=inside, other=0.0) * w_s, axis=0)
+                kl += tl.sum(tl.load(seq_sum_ptr + offs * 3 + 1, mask=inside, other=0.0) * w_s, axis=0)
+    if HAS_REF:
+        tl.store(loss_ptr, pg + kl_coef * kl)
+    else:
+        tl.store(loss_ptr, pg)
+    mean = acc / (tokens + 1e-8)
+    # in the order of METRIC_NAMES
+    tl.store(metric_ptr + 0, _column(mean, cols, 3))
+    tl.store(metric_ptr + 1, _column(mean, cols, 5))
+    tl.store(metric_ptr + 2, _column(mean, cols, 4))
+    tl.store(metric_ptr + 3, _column(mean, cols, 1))
+    tl.store(metric_ptr + 4, _column(mean, cols, 6))
+    tl.store(metric_ptr + 5, _column(mean, cols, 7))
+    tl.store(metric_ptr + 6, pg)
+    tl.store(metric_ptr + 7, kl)
+
+
 def _block_size(T: int) -> int:
     # The interpreter's cost is per program, so fewer, bigger blocks; on the GPU 1024 tokens per program.
     cap = 4096 if interpreting() else 1024
@@ -229,25 +347,45 @@ def _common(lp: torch.Tensor, cu_seqlens: torch.Tensor, adv_seq, adv_tok, ref, p
     return B, adv, (ref if ref is not None else lp), (probe if probe is not None else lp)
 
 
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, estimator: int, epsilon: float) -> torch.Tensor:
+    """Outcome advantage per sequence [B] fp32 from rewards [B] and group labels [B] (one launch).
+
+    estimator: 0 GRPO (r - mean) / (std + eps), 1 Dr. GRPO r - mean, 2 RLOO; a group of one gives
+    r / (1 + eps), r, r respectively (verl's mean 0, std 1).
+    """
+    B = rewards.numel()
+    adv = torch.empty(B, dtype=torch.float32, device=rewards.device)
+    _group_advantage_kernel[(B,)](rewards, group_ids, adv, B, epsilon, ESTIMATOR=estimator,
+                                  BLOCK_B=max(16, min(1024, triton.next_power_of_2(B))))
+    return adv
+
+
+AGG_MODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
+
+
 def policy_loss_forward(
     lp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
     adv_seq: torch.Tensor | None, adv_tok: torch.Tensor | None, ref: torch.Tensor | None,
     probe: torch.Tensor | None, lo_bound: float, hi_bound: float, clip_c: float, log1m_alpha: float,
-    log_alpha: float, kl_kind: int, per_seq: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the forward pass over T tokens.
+    log_alpha: float, kl_kind: int, kl_coef: float, agg_mode: int, scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward pass over T tokens and the one-program finalize.
 
     Args: lp, old, mask [T] (mask bool); cu_seqlens [B+1] int32; adv_seq [B] fp32 or adv_tok [T];
-    ref, probe [T] or None (probe given only when alpha > 0).
-    Returns: totals [N_PARTIALS] fp32 (column sums of the per-block table), and the per-sequence table
-    [B, 3] fp32 of (sum l, sum k, count) when `per_seq`, else None.
+    ref, probe [T] or None (probe given only when alpha > 0); agg_mode from AGG_MODES; scale: divisor of
+    seq-mean-token-sum-norm, None for the longest sequence.
+    Returns: loss 0-d fp32; weight fp32 [B] for seq-mean-token-mean else [1] (the d loss / d l_t factor of
+    each token); metrics [len(METRIC_NAMES)] fp32.
     """
     T = lp.numel()
     B, adv, ref_t, probe_t = _common(lp, cu_seqlens, adv_seq, adv_tok, ref, probe)
+    per_seq = agg_mode in (1, 2)
     BLOCK = _block_size(T)
     n_blocks = max(1, cdiv(T, BLOCK))
-    partials = torch.zeros(n_blocks, N_PARTIALS, dtype=torch.float32, device=lp.device)
-    seq_sums = torch.zeros(B if per_seq else 1, N_SEQ_COLS, dtype=torch.float32, device=lp.device)
+    dev = lp.device
+    partials = torch.empty(n_blocks, N_PARTIALS, dtype=torch.float32, device=dev)
+    seq_sums = (torch.zeros if per_seq else torch.empty)(B if per_seq else 1, N_SEQ_COLS, dtype=torch.float32,
+                                                         device=dev)
     if T > 0:
         _policy_loss_fwd_kernel[(n_blocks,)](
             lp, old, mask, adv, ref_t, probe_t, cu_seqlens, partials, seq_sums,
@@ -256,7 +394,18 @@ def policy_loss_forward(
             KL_KIND=kl_kind, PER_SEQ=per_seq, NEED_SEQ=per_seq or adv_tok is None,
             LOG2_B=(B - 1).bit_length(), N_COLS=N_PARTIALS, BLOCK=BLOCK,
         )
-    return partials.sum(dim=0), (seq_sums if per_seq else None)
+    else:
+        partials.zero_()
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    weight = torch.empty(B if agg_mode == 2 else 1, dtype=torch.float32, device=dev)
+    metrics = torch.empty(len(METRIC_NAMES), dtype=torch.float32, device=dev)
+    _policy_loss_finalize_kernel[(1,)](
+        partials, n_blocks, seq_sums, cu_seqlens, B, 1.0 if scale is None else float(scale), kl_coef,
+        loss, weight, metrics, AGG=agg_mode, SCALE_FROM_CU=scale is None, HAS_REF=ref is not None,
+        N_COLS=N_PARTIALS, BLOCK_R=max(16, min(256, triton.next_power_of_2(n_blocks))),
+        BLOCK_B=max(16, min(1024, triton.next_power_of_2(B))),
+    )
+    return loss, weight, metrics
 
 
 def policy_loss_backward(

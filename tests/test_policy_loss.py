@@ -240,20 +240,44 @@ def test_masked_garbage_does_not_change_result(backend):
     assert torch.equal(clean[0], noisy[0]) and torch.equal(clean[2], noisy[2])
 
 
+def _kernel_group_advantages(rewards, ids, estimator):
+    return kernels.group_advantages(rewards, ids, {"grpo": 0, "dr_grpo": 1, "rloo": 2}[estimator], 1e-6)
+
+
+@pytest.mark.parametrize("impl", [group_advantages, _kernel_group_advantages], ids=["torch", "triton"])
 @pytest.mark.parametrize("group_size", (1, 2, 5, 16))
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
-def test_group_advantages_match_verl_functions(estimator, group_size):
+def test_group_advantages_match_verl_functions(estimator, group_size, impl):
     g = torch.Generator().manual_seed(group_size)
     B = 3 * group_size
     rewards = torch.randn(B, generator=g)
-    ids = (torch.randperm(B, generator=g) % 3) * 1000 - 17
-    fused = group_advantages(rewards, ids, estimator)
+    rewards[:group_size] = 0.5  # one group of equal rewards (zero variance) when groups are sorted
+    ids = (torch.arange(B) // group_size) * 1000 - 17
+    perm = torch.randperm(B, generator=g)
+    rewards, ids = rewards[perm].contiguous(), ids[perm].contiguous()
+    fused = impl(rewards, ids, estimator)
     if estimator == "rloo":
         expected, _ = core_algos.compute_rloo_outcome_advantage(rewards[:, None], torch.ones(B, 1), ids)
     else:
         expected, _ = core_algos.compute_grpo_outcome_advantage(rewards[:, None], torch.ones(B, 1), ids,
                                                                 norm_adv_by_std_in_grpo=estimator == "grpo")
     assert_close(fused, expected[:, 0], torch.float32, name=estimator)
+    assert torch.isfinite(fused).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter computing inf - inf
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_inputs_false_skips_only_value_checks(backend):
+    b = make_batch(60, 2, 3, seed=16)
+    checked = run(fused_policy_loss, b, backend=backend, **batch_kwargs(b))
+    unchecked = run(fused_policy_loss, b, backend=backend, check_inputs=False, **batch_kwargs(b))
+    assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[2], unchecked[2])
+    b.rewards[0] = math.inf
+    with pytest.raises(ValueError, match="rewards"):
+        run(fused_policy_loss, b, backend=backend, **batch_kwargs(b))
+    run(fused_policy_loss, b, backend=backend, check_inputs=False, **batch_kwargs(b))
+    with pytest.raises(ValueError, match="old_logprobs"):
+        fused_policy_loss(b.lp, b.old[:3], b.mask, backend=backend, check_inputs=False, **batch_kwargs(b))
 
 
 def test_rejects_bad_arguments():

@@ -203,9 +203,10 @@ def _torch_backward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, grad_loss, 
 # the shared O(B) epilogue and the autograd op
 
 
-def _aggregate(totals: torch.Tensor, seq_sums: torch.Tensor | None, scale: torch.Tensor, cfg: _LossConfig,
-               has_ref: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss, aggregation weight(s) for backward, and the metric vector from the token sums.
+def _aggregate(totals: torch.Tensor, seq_sums: torch.Tensor | None, cu: torch.Tensor, scale: float | None,
+               cfg: _LossConfig, has_ref: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, aggregation weight(s) for backward, and the metric vector from the token sums (the torch
+    twin of kernels.policy_loss._policy_loss_finalize_kernel); scale None = the longest sequence.
 
     Returns: loss 0-d fp32; weight [1] (one weight for every token) or [B] (seq-mean-token-mean);
     metrics [len(METRIC_NAMES)] fp32.
@@ -215,7 +216,10 @@ def _aggregate(totals: torch.Tensor, seq_sums: torch.Tensor | None, scale: torch
     if mode == "token-mean":
         weight = (1.0 / (tokens + _EPS)).reshape(1)
     elif mode == "seq-mean-token-sum-norm":
-        weight = (1.0 / scale.float()).reshape(1)
+        if scale is None:
+            weight = (1.0 / (cu[1:] - cu[:-1]).max().clamp(min=1).float()).reshape(1)
+        else:
+            weight = torch.full((1,), 1.0 / scale, device=totals.device)
     else:
         n_s = seq_sums[:, 2]
         n_seqs = (n_s > 0).sum().float()
@@ -237,17 +241,18 @@ def _aggregate(totals: torch.Tensor, seq_sums: torch.Tensor | None, scale: torch
 class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lp, old, mask, cu, adv_seq, adv_tok, ref, probe, scale, cfg: _LossConfig, backend: str):
-        per_seq = cfg.agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean")
         if backend == "triton":
             from rexrag_fast.kernels import policy_loss as kernels
 
-            totals, seq_sums = kernels.policy_loss_forward(
+            loss, weight, metrics = kernels.policy_loss_forward(
                 lp, old, mask, cu, adv_seq=adv_seq, adv_tok=adv_tok, ref=ref, probe=probe,
                 lo_bound=cfg.lo_bound, hi_bound=cfg.hi_bound, clip_c=cfg.clip_c, log1m_alpha=cfg.log1m_alpha,
-                log_alpha=cfg.log_alpha, kl_kind=_KL_KIND_ID[cfg.kl_kind], per_seq=per_seq)
+                log_alpha=cfg.log_alpha, kl_kind=_KL_KIND_ID[cfg.kl_kind], kl_coef=cfg.kl_coef,
+                agg_mode=kernels.AGG_MODES[cfg.agg_mode], scale=scale)
         else:
+            per_seq = cfg.agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean")
             totals, seq_sums = _torch_forward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, cfg, per_seq)
-        loss, weight, metrics = _aggregate(totals, seq_sums, scale, cfg, ref is not None)
+            loss, weight, metrics = _aggregate(totals, seq_sums, cu, scale, cfg, ref is not None)
         ctx.save_for_backward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, weight)
         ctx.cfg, ctx.backend = cfg, backend
         ctx.weight_per_seq = cfg.agg_mode == "seq-mean-token-mean"
@@ -303,9 +308,28 @@ def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, 
         agg_mode=loss_agg_mode)
 
 
+def _check_values(logprobs: torch.Tensor, cu: torch.Tensor, rewards: torch.Tensor | None, packed: bool) -> None:
+    """The one host sync of the op: reject non-finite rewards and malformed cu_seqlens."""
+    dev = logprobs.device
+    bad_rewards = (~torch.isfinite(rewards)).any() if rewards is not None else torch.zeros((), dtype=torch.bool)
+    if packed:
+        lengths = cu[1:] - cu[:-1]
+        bad_cu = (cu[0] != 0) | (cu[-1] != logprobs.numel()) | (lengths < 0).any()
+    else:
+        bad_cu = torch.zeros((), dtype=torch.bool, device=dev)
+    flags = torch.stack([bad_rewards.to(dev), bad_cu]).tolist()
+    if flags[0]:
+        bad = rewards[~torch.isfinite(rewards)][:4].tolist()
+        raise ValueError(f"rewards: expected finite values, got non-finite rewards such as {bad}")
+    if flags[1]:
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={logprobs.numel()}, "
+                         f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+
+
 def _to_packed(logprobs, old_logprobs, response_mask, cu_seqlens, advantages, ref_logprobs, probe_logprobs,
-               rewards, group_ids, loss_scale_factor):
-    """Validate tensors; return flat [T] views, cu_seqlens int32 [B+1] and the sum-norm scale (0-d)."""
+               rewards, group_ids, loss_scale_factor, check_inputs):
+    """Validate tensors; return flat [T] views, cu_seqlens int32 [B+1] and the sum-norm divisor
+    (a float, or None for the longest sequence of a packed batch)."""
     check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES)
     dev, dtype = logprobs.device, logprobs.dtype
     if logprobs.dim() == 2:
@@ -342,29 +366,14 @@ def _to_packed(logprobs, old_logprobs, response_mask, cu_seqlens, advantages, re
     elif group_ids is not None:
         raise ValueError("group_ids: only used with rewards; advantages were given precomputed")
 
-    # The one host sync of the op, in validation only: non-finite rewards and malformed offsets.
-    bad_rewards = (~torch.isfinite(rewards)).any() if rewards is not None else torch.zeros((), dtype=torch.bool)
-    if L is None:
-        lengths = cu[1:] - cu[:-1]
-        bad_cu = (cu[0] != 0) | (cu[-1] != logprobs.numel()) | (lengths < 0).any()
-    else:
-        bad_cu = torch.zeros((), dtype=torch.bool, device=dev)
-    flags = torch.stack([bad_rewards.to(dev), bad_cu]).tolist()
-    if flags[0]:
-        bad = rewards[~torch.isfinite(rewards)][:4].tolist()
-        raise ValueError(f"rewards: expected finite values, got non-finite rewards such as {bad}")
-    if flags[1]:
-        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={logprobs.numel()}, "
-                         f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
-
+    if check_inputs:
+        _check_values(logprobs, cu, rewards, packed=L is None)
     if loss_scale_factor is not None:
         if not (isinstance(loss_scale_factor, (int, float)) and loss_scale_factor > 0):
             raise ValueError(f"loss_scale_factor: expected a positive number, got {loss_scale_factor!r}")
-        scale = torch.tensor(float(loss_scale_factor), device=dev)
-    elif L is not None:
-        scale = torch.tensor(float(max(L, 1)), device=dev)
+        scale = float(loss_scale_factor)
     else:
-        scale = (cu[1:] - cu[:-1]).max().clamp(min=1).float()
+        scale = None if L is None else float(max(L, 1))
 
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     mask = response_mask.reshape(-1)
@@ -397,6 +406,7 @@ def fused_policy_loss(
     loss_agg_mode: str = "token-mean",
     loss_scale_factor: float | None = None,
     backend: str = "auto",
+    check_inputs: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO/PPO clipped policy loss with group advantages, KL loss and REX-RAG policy correction, fused.
 
@@ -426,6 +436,8 @@ def fused_policy_loss(
         loss_scale_factor: divisor of seq-mean-token-sum-norm; default L (padded) or the longest sequence
             (packed), i.e. the L of the equivalent padded batch.
         backend: "auto" (Triton on CUDA tensors, PyTorch on CPU), "triton" or "torch".
+        check_inputs: check values (finite rewards, well-formed cu_seqlens); this reads two flags back to
+            the host, the op's only sync. False skips it (shapes, dtypes and devices are always checked).
 
     Returns:
         loss: 0-d fp32 tensor, differentiable w.r.t. logprobs.
@@ -440,8 +452,8 @@ def fused_policy_loss(
             pg_loss, kl_loss  the two aggregated terms of the loss.
         Nothing here reads a value back to the host except validation (see below).
 
-    Raises: ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, options, non-finite
-    rewards or malformed cu_seqlens. These checks read one pair of flags back to the host (one sync).
+    Raises: ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, options, and (with
+    check_inputs) non-finite rewards or malformed cu_seqlens.
     """
     cfg = _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c,
                          adv_estimator, loss_agg_mode, kl_coef)
@@ -449,13 +461,19 @@ def fused_policy_loss(
         raise ValueError("probe_logprobs: required when alpha > 0 (log mu per token, -inf on original tokens)")
     lp, old, mask, cu, adv_tok, ref, probe, scale = _to_packed(
         logprobs, old_logprobs, response_mask, cu_seqlens, advantages, ref_logprobs, probe_logprobs,
-        rewards, group_ids, loss_scale_factor)
+        rewards, group_ids, loss_scale_factor, check_inputs)
+    backend = resolve_backend(backend, lp.device)
     if alpha == 0:
         probe = None
     adv_seq = None
     if rewards is not None:
-        adv_seq = group_advantages(rewards, group_ids, adv_estimator, norm_adv_by_std, epsilon)
-    backend = resolve_backend(backend, lp.device)
+        if backend == "triton":
+            from rexrag_fast.kernels import policy_loss as kernels
+
+            estimator = 0 if adv_estimator == "grpo" and norm_adv_by_std else 2 if adv_estimator == "rloo" else 1
+            adv_seq = kernels.group_advantages(rewards.contiguous(), group_ids.contiguous(), estimator, epsilon)
+        else:
+            adv_seq = group_advantages(rewards, group_ids, adv_estimator, norm_adv_by_std, epsilon)
     loss, metric_vec = _FusedPolicyLoss.apply(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, scale, cfg, backend)
     return loss, dict(zip(METRIC_NAMES, metric_vec.unbind(0)))
 
