@@ -63,3 +63,67 @@ def assert_close(
             f"|diff|={err.flatten()[i].item():.3g} allowed={allowed.flatten()[i].item():.3g}"
         )
     raise AssertionError("\n".join(lines))
+
+
+class TensorMemoryTracker:
+    """Live and peak bytes of tensor storages created by aten ops run inside `with TensorMemoryTracker():`.
+
+    Deterministic (independent of timing and of the allocator's caching): every op's outputs are seen
+    through a TorchDispatchMode; a storage counts from the op that created it until its last tensor is
+    freed. Views and in-place results on storages that existed before (the op's inputs) are not counted,
+    nor are scratch buffers internal to one aten kernel. Autograd's backward ops run under the mode too.
+    """
+
+    def __init__(self) -> None:
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [live tensors, bytes]
+        self._mode = None
+
+    def __enter__(self) -> TensorMemoryTracker:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._record(args, kwargs, out)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._mode is not None
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+    def _record(self, args: object, kwargs: object, out: object) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            entry = self._storages.get(key)
+            if entry is None:
+                if key in inputs or storage.nbytes() == 0:
+                    continue
+                entry = self._storages[key] = [0, storage.nbytes()]
+                self.live_bytes += entry[1]
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            entry[0] += 1
+            weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self._storages[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._storages[key]
+            self.live_bytes -= entry[1]
