@@ -142,3 +142,16 @@ def test_state_dict_with_model_config(qwen):
     engine = LLMEngine(qwen.state_dict(), model_config=qwen.config, config=EngineConfig(num_blocks=16))
     prompt = prompts_of([9], seed=13)[0]
     assert engine.generate([Request(prompt, GREEDY)])[0].output_token_ids == hf_greedy(qwen, prompt, 12)
+
+
+def test_load_weights_from_a_stream_of_named_tensors(qwen):
+    """The trainer's weight sync: (name, tensor) pairs one at a time, tied lm_head absent."""
+    other = tiny_model("qwen2", vocab_size=VOCAB, seed=14)
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=32, block_size=4))
+    prompt = prompts_of([10], seed=15)[0]
+    engine.load_weights((name, p.detach().clone()) for name, p in other.named_parameters())
+    assert engine.generate([Request(prompt, GREEDY)])[0].output_token_ids == hf_greedy(other, prompt, 12)
+    partial = ((n, p) for n, p in qwen.named_parameters() if "layers.1." not in n)
+    with pytest.raises(KeyError, match="lacked"):
+        engine.load_weights(partial)
+    assert engine.weights_version == 2  # bumped even by the failed update: no stale KV reuse

@@ -116,12 +116,21 @@ class LLMEngine:
                        sampling or SamplingParams())
 
     def update_weights(self, model_or_state_dict: Any) -> None:
-        """Copy new weights in place (no KV pool re-allocation) and bump the cache namespace."""
+        """Copy new weights in place (no KV pool re-allocation) and bump the cache namespace.
+
+        Accepts a transformers model, a state dict, or an iterable of (name, tensor) pairs such as
+        ZeroActor.iter_gathered_parameters() (consumed one tensor at a time).
+        """
         if self.scheduler.has_work():
             raise RuntimeError("update_weights: sequences are still running; call it between generate() calls")
-        self.runner.update_weights(model_or_state_dict)
+        # the namespace moves first: even a failed, partial copy must never let old KV be reused
         self.weights_version += 1
         self.block_manager.new_namespace()
+        self.runner.update_weights(model_or_state_dict)
+
+    def load_weights(self, named_tensors: Any) -> None:
+        """Alias of update_weights for (name, tensor) streams, as the trainer's weight sync calls it."""
+        self.update_weights(named_tensors)
 
     def reset_counters(self) -> None:
         self.counters = EngineCounters()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -153,32 +153,45 @@ class DecoderWeights:
         return t
 
     @torch.no_grad()
-    def load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copy a transformers state dict (names as in Qwen2ForCausalLM / LlamaForCausalLM) in place.
+    def load(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy transformers-named tensors (Qwen2ForCausalLM / LlamaForCausalLM names) in place.
 
-        Every expected tensor must be present with the expected shape; extra entries (rotary buffers, a tied
-        lm_head.weight) are ignored.
+        `weights`: a state dict, or an iterable of (name, tensor) pairs consumed one at a time (e.g. ZeRO-3
+        parameters gathered one by one). Every expected tensor must come, with the expected shape; extra
+        names (rotary buffers, a tied lm_head.weight) are ignored. A state dict is checked for missing names
+        before anything is copied; a stream is checked at its end.
         """
         targets = self._targets()
-        missing = [k for k in targets if k not in state_dict]
-        if missing:
-            raise KeyError(f"update_weights: state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        for name, dests in targets.items():
-            src = state_dict[name]
+        if isinstance(weights, Mapping):
+            missing = [k for k in targets if k not in weights]
+            if missing:
+                raise KeyError(f"update_weights: state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            weights = weights.items()
+        seen: set[str] = set()
+        for name, src in weights:
+            dests = targets.get(name)
+            if dests is None:
+                continue
             for dst, a, b in dests:
                 want = (b - a, *dst.shape[1:])
                 if tuple(src.shape) != want:
                     raise ValueError(f"update_weights: {name} has shape {tuple(src.shape)}, expected {want}")
                 dst[a:b].copy_(src)
+            seen.add(name)
+        missing = [k for k in targets if k not in seen]
+        if missing:
+            raise KeyError(f"update_weights: the weights lacked {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def state_dict_of(model_or_state_dict: Any) -> Mapping[str, torch.Tensor]:
-    """A state dict from a transformers model (or any nn.Module) or a mapping of tensors."""
-    if isinstance(model_or_state_dict, Mapping):
-        return model_or_state_dict
-    if isinstance(model_or_state_dict, torch.nn.Module):
-        return model_or_state_dict.state_dict()
-    raise TypeError(f"expected a transformers model or a state dict, got {type(model_or_state_dict).__name__}")
+def state_dict_of(weights: Any) -> Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]:
+    """What DecoderWeights.load takes, from a transformers model (any nn.Module), a state dict, or an
+    iterable of (name, tensor) pairs (passed through)."""
+    if isinstance(weights, torch.nn.Module):
+        return weights.state_dict()
+    if isinstance(weights, Mapping) or (isinstance(weights, Iterable) and not isinstance(weights, (str, bytes))):
+        return weights
+    raise TypeError(f"expected a transformers model, a state dict or (name, tensor) pairs, "
+                    f"got {type(weights).__name__}")
 
 
 def num_parameters(weights: DecoderWeights) -> int:
