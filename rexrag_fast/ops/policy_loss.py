@@ -15,10 +15,12 @@ REX-RAG (MiliLab/REX-RAG, dp_actor.update_policy) replaces old_log_prob by this 
 before calling the unchanged PPO loss: originals and probes share one clip. On original trajectories
 probe_t = -inf, so beh_t = old_t + log(1 - alpha); on probe trajectories probe_t = log mu_t.
 
-Backends: "triton" runs kernels/policy_loss.py (one pass forward, one pass backward; tiny O(B) pre-pass
-for group statistics and O(B) epilogue); "torch" runs the same fused formulas with PyTorch tensor ops
-and a closed-form backward (the CPU path). Neither keeps [T]-sized float intermediates for backward:
-backward recomputes from the inputs. `policy_loss_reference` is the clarity-first composition of the
+Backends: "triton" runs kernels/policy_loss.py: a one-launch per-sequence pre-pass for the group
+advantages, one pass over the tokens forward plus a one-program finalize (loss, metrics, backward
+weights), and one pass backward. "torch" runs the same fused formulas with PyTorch tensor ops and a
+closed-form backward (the CPU path). Neither keeps [T]-sized float intermediates for backward: backward
+recomputes from the inputs. No backend reads a value back to the host except the input check
+(`check_inputs`). `policy_loss_reference` is the clarity-first composition of the
 verl-compatible functions in `core_algos`, differentiated by autograd; tests compare all three.
 """
 
