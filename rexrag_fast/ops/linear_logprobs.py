@@ -26,10 +26,10 @@ from rexrag_fast.ops._checks import check_tensor, resolve_backend
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
-# Elements in one fp32 logits tile of the torch backend (8 MiB): large enough that each matmul call runs
-# near peak on a CPU, small enough that a tile and its exp() stay far below T x V.
-TORCH_TILE_ELEMENTS = 1 << 21
-TORCH_MAX_V_CHUNK = 8192
+# Elements in one fp32 logits tile of the torch backend (4 MiB) and its widest vocab slice: each matmul call
+# is still large enough to run near a CPU's peak, and a tile plus its exp() stay far below T x V.
+TORCH_TILE_ELEMENTS = 1 << 20
+TORCH_MAX_V_CHUNK = 2048
 
 
 def _torch_chunks(n_rows: int, n_cols: int, tile_elements: int) -> tuple[int, int]:
