@@ -211,3 +211,21 @@ def test_bad_build_arguments(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no rows"):
         build_index(empty, tmp_path / "i2", progress=False)
+
+
+@pytest.mark.slow
+def test_for_world_recall_on_the_full_default_world(tmp_path, monkeypatch):
+    """The whole default world (~2,000 documents) indexed by LocalRetriever.for_world, as the CPU configs use it."""
+    from rexrag_fast.data.world import World, default_world_dir
+
+    monkeypatch.setenv("REXRAG_CACHE", str(tmp_path))
+    retriever = LocalRetriever.for_world()
+    world = World.load(default_world_dir())
+    assert len(retriever) == len(world.documents)
+    questions = [q for q in world.split("test") if q["type"] == "1hop"]
+    results = retriever.retrieve([q["question"] for q in questions], topk=3)
+    hits = [q["supporting_docs"][0] in [r["document"]["id"] for r in res] for q, res in zip(questions, results)]
+    recall = sum(hits) / len(hits)
+    assert recall >= 0.9, f"recall@3 {recall:.3f} over {len(hits)} 1-hop test questions of the default world"
+    # a second call reuses the cached index
+    assert LocalRetriever.for_world().index.manifest == retriever.index.manifest

@@ -103,7 +103,11 @@ class Embedder:
         return self._encode(passages, "passage: ")
 
 
-@functools.lru_cache(maxsize=4)
 def get_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None) -> Embedder:
     """A process-wide shared Embedder per (name, device): loading a model takes seconds."""
+    return _cached_embedder(name, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_embedder(name: str, device: str | None) -> Embedder:
     return Embedder(name, device=device)
