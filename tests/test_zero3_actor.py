@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rexrag_fast.engine.models import tiny_model
 from rexrag_fast.testing import assert_close
 from rexrag_fast.train.actor import (
     PolicyLogprobs,
@@ -42,13 +43,8 @@ def test_next_token_labels_and_shift() -> None:
 
 
 def _tiny_qwen2(seed: int = 0) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).float().eval()
+    return tiny_model("qwen2", vocab_size=80, seed=seed, hidden_size=32, intermediate_size=64,
+                      max_position_embeddings=64, tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -149,7 +145,8 @@ def test_zero3_two_process_update(uninterrupted: Path) -> None:
     rows = read_metrics(uninterrupted / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
-        for key in ("actor/loss", "actor/grad_norm", "actor/kl", "actor/pg_clipfrac", "actor/entropy"):
+        for key in ("actor/loss", "actor/grad_norm", "actor/kl", "actor/pg_clipfrac", "actor/entropy",
+                    "actor/ppo_kl", "actor/is_weight_mean", "actor/pg_loss", "actor/kl_loss", "reward/mean"):
             assert isinstance(r[key], float) and torch.isfinite(torch.tensor(r[key])), (key, r)
         assert r["actor/optimizer_steps"] == 4.0  # ppo_epochs 2 x 2 mini-batches
         assert r["actor/update_tokens"] > 0

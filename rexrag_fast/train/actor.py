@@ -266,15 +266,18 @@ class ZeroActor:
         dist.all_reduce(t)
         return float(t.item())
 
-    def update(self, mini_batches: Sequence[Sequence[PackedBatch]], step: int = 0) -> dict[str, float]:
+    def update(self, mini_batches: Sequence[Sequence[PackedBatch]], step: int = 0, loss_fn: LossFn | None = None
+               ) -> dict[str, float]:
         """ppo_epochs x len(mini_batches) optimizer steps, as verl's dp_actor.update_policy.
 
         mini_batches: this rank's mini-batches, each a list of packed micro-batches whose per_token dict holds
         what `loss_fn` reads (at least response_mask). Every rank passes the same number of mini-batches.
         step: RL steps completed so far (sets the warmup learning rate).
+        loss_fn: this step's loss (e.g. with this step's REX-RAG alpha); default the one given at construction.
         Returns averaged metrics: actor/loss, actor/<loss metric> (response-token weighted),
         actor/grad_norm, actor/lr, actor/entropy (when computed), tokens and timing on this rank.
         """
+        loss_fn = loss_fn or self.loss_fn
         n_mini = len(mini_batches)
         if dist_utils.is_initialized():
             counts = dist_utils.gather_objects(n_mini)
@@ -297,7 +300,7 @@ class ZeroActor:
                 for i, (mb, counts) in enumerate(plan):
                     self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
                     lp, ent = self._forward(mb)
-                    loss, metrics = self.loss_fn(lp, ent, mb.to(self.device))
+                    loss, metrics = loss_fn(lp, ent, mb.to(self.device))
                     w = self._weight(mb) if counts else 0.0
                     scale = w / total_w * world if total_w > 0 else 0.0
                     self.engine.backward(loss * scale, scale_wrt_gas=False)

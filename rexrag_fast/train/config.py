@@ -101,7 +101,8 @@ class AlgorithmConfig:
     """Advantage estimator and policy loss, with verl's names and semantics."""
 
     name: Literal["grpo", "rexrag"] = "rexrag"
-    adv_estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    adv_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    norm_adv_by_std: bool = True  # grpo only; false gives Dr. GRPO's unnormalised advantage
     norm_adv_eps: float = 1e-6
     use_kl_loss: bool = True
     kl_coef: float = 0.001

@@ -97,11 +97,12 @@ def init_distributed(backend: str | None = None) -> None:
 
 def destroy_process_group() -> None:
     """Tear the default process group down if there is one (idempotent). Exiting without it makes gloo
-    abort intermittently at interpreter shutdown."""
+    abort intermittently at interpreter shutdown. No barrier first: on an error path the other ranks may
+    be inside a different collective, and a barrier would hang instead of letting the launcher see the
+    failure."""
     if is_initialized():
         with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -5,14 +5,17 @@
 
 Each RL step: this rank's prompts (shard of a fixed synthetic set, n responses each) get fresh 0/1 rewards
 from the global torch RNG (standing in for rollouts, so resume must restore RNG state), GRPO advantages,
-old and reference log-probs from the actor / reference model, then `ZeroActor.update`: ppo_epochs x
-mini-batches of packed micro-batches. Metrics go to DIR/metrics.jsonl (rank 0), checkpoints to
-DIR/checkpoints, and the gathered weights before/after to DIR/weights_step{S}.pt.
+old and reference log-probs from the actor / reference model, synthetic probe log-probs on every group's
+second response (REX-RAG correction with alpha 0.25), then `ZeroActor.update` with the config's policy loss
+(fused op, or the eager reference with --eager): ppo_epochs x mini-batches of packed micro-batches.
+Metrics go to DIR/metrics.jsonl (rank 0), checkpoints to DIR/checkpoints, and the gathered weights before
+and after to DIR/weights_step{S}.pt.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import signal
@@ -21,29 +24,20 @@ import sys
 import numpy as np
 import torch
 
+from rexrag_fast.engine.models import tiny_model
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.actor import ReferencePolicy, ZeroActor, frozen_copy
 from rexrag_fast.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from rexrag_fast.train.config import Config, load_config
+from rexrag_fast.train.config import load_config
+from rexrag_fast.train.loss import make_policy_loss_fn, sequence_advantages
 from rexrag_fast.train.metrics import MetricsLogger
-from rexrag_fast.train.packing import PackedBatch, plan_mini_batches
+from rexrag_fast.train.packing import plan_mini_batches
 from rexrag_fast.train.signals import GracefulStop
 
 VOCAB = 96
 PROMPTS = 6  # whole set; each rank takes its shard
 N_AGENT = 2
-
-
-def tiny_qwen2(seed: int) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    return model.float()
+ALPHA = 0.25  # REX-RAG probe share in the synthetic batch
 
 
 def synthetic_trajectories(prompt_ids: range) -> tuple[list[list[int]], list[torch.Tensor], list[int]]:
@@ -63,38 +57,6 @@ def synthetic_trajectories(prompt_ids: range) -> tuple[list[list[int]], list[tor
     return ids, masks, groups
 
 
-def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(r - mean_group) / (std_group + eps) per sequence (unbiased std, as verl)."""
-    adv = torch.zeros_like(rewards)
-    for g in groups.unique():
-        sel = groups == g
-        r = rewards[sel]
-        adv[sel] = (r - r.mean()) / (r.std() + eps) if r.numel() > 1 else 0.0
-    return adv
-
-
-def ppo_kl_loss(cfg: Config):
-    """Token-mean clipped PPO loss + low_var_kl term over one micro-batch's response tokens (verl formulas)."""
-    a = cfg.algorithm
-
-    def loss_fn(lp: torch.Tensor, entropy: torch.Tensor | None, b: PackedBatch):
-        mask = b.per_token["response_mask"].float()
-        n = mask.sum().clamp_min(1.0)
-        adv = b.per_token["advantages"]
-        log_ratio = (lp - b.per_token["old_logprobs"]).clamp(-20, 20)
-        ratio = log_ratio.exp()
-        l1 = -adv * ratio
-        l2 = -adv * ratio.clamp(1 - a.clip_ratio_low, 1 + a.clip_ratio_high)
-        pg = torch.maximum(l1, l2)
-        kl_lr = (b.per_token["ref_logprobs"] - lp).clamp(-20, 20)
-        kl = (kl_lr.exp() - kl_lr - 1).clamp(-10, 10)  # k3 / low_var_kl
-        loss = ((pg + a.kl_coef * kl) * mask).sum() / n
-        metrics = {"pg_clipfrac": ((l2 > l1).float() * mask).sum() / n, "kl": (kl.detach() * mask).sum() / n}
-        return loss, metrics
-
-    return loss_fn
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -106,6 +68,7 @@ def main() -> int:
     ap.add_argument("--ref", default="deepspeed", choices=["cpu", "deepspeed"])
     args = ap.parse_args()
 
+    os.makedirs(args.out, exist_ok=True)
     du.init_distributed()
     rank, world = du.get_rank(), du.get_world_size()
     cfg = load_config(None, [
@@ -118,9 +81,11 @@ def main() -> int:
         "deepspeed.zero_stage=3", "deepspeed.precision=fp32", "deepspeed.gradient_checkpointing=true",
         "algorithm.kl_coef=0.01",
     ])
-    model = tiny_qwen2(cfg.trainer.seed)
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=cfg.trainer.seed, hidden_size=32, intermediate_size=64,
+                       max_position_embeddings=128, tie_word_embeddings=False).train()
     ref = ReferencePolicy(frozen_copy(model), cfg)
-    actor = ZeroActor(model, cfg, ppo_kl_loss(cfg))
+    loss_fn = make_policy_loss_fn(cfg.algorithm, fused=cfg.actor.use_fused_kernels, alpha=ALPHA)
+    actor = ZeroActor(model, cfg, loss_fn)
     random.seed(cfg.trainer.seed + rank)
     np.random.seed(cfg.trainer.seed + rank)
     torch.manual_seed(cfg.trainer.seed + rank)
@@ -150,7 +115,7 @@ def main() -> int:
     with GracefulStop() as stop:
         while state.step < cfg.trainer.max_steps:
             rewards = torch.bernoulli(torch.full((len(ids),), 0.5))
-            adv = grpo_advantages(rewards, group_t)
+            adv = sequence_advantages(rewards, group_t, cfg.algorithm)
             per_token = {"response_mask": masks, "advantages": [adv[i] * masks[i].float() for i in range(len(ids))]}
             minis = plan_mini_batches(ids, num_mini, cfg.actor.max_tokens_per_micro_batch, per_token,
                                       {"rewards": rewards, "group_ids": group_t}, group_size=N_AGENT)
@@ -158,6 +123,10 @@ def main() -> int:
             for mb, old, ref_lp in zip(flat, actor.compute_logprobs(flat), ref.compute_logprobs(flat)):
                 mb.per_token["old_logprobs"] = old
                 mb.per_token["ref_logprobs"] = ref_lp
+                # The second response of every group stands in for a REX-RAG probe: log mu = old - 0.1 on it,
+                # -inf on originals.
+                is_probe = (mb.seq_index % N_AGENT == 1).repeat_interleave(mb.seqlens().long())
+                mb.per_token["probe_logprobs"] = torch.where(is_probe, old - 0.1, torch.full_like(old, -math.inf))
             if args.sigterm_at_step == state.step + 1:
                 os.kill(os.getpid(), signal.SIGTERM)
             m = actor.update(minis, step=state.step)
