@@ -226,3 +226,108 @@ def test_smollm2_on_world(tokenizer, world, retriever):
     assert sum(len(c) for c in counting.calls) == searches
     scores = batch_scores([t.answer for t in trajs], [e.golden_answers for e in examples])
     assert len(scores["em"]) == 4
+
+
+class ScriptedPolicy:
+    """An engine whose turns are scripted texts (per prompt), for exact multi-turn paths; records each request.
+
+    generate/extend/fork follow LLMEngine's contract: completions in request order, the stop string kept in the
+    output, max_tokens honoured, extend/fork build requests on the completion's tokens.
+    """
+
+    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]]) -> None:
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.calls: dict[tuple[int, ...], int] = {p: 0 for p in scripts}
+        self.requests = []
+        self.generate_calls = 0
+
+    def _script_for(self, ids):
+        for p in self.scripts:
+            if tuple(ids[: len(p)]) == p:
+                return p
+        raise AssertionError("request does not continue any scripted prompt")
+
+    def generate(self, requests, progress=False):
+        from rexrag_fast.engine import Completion
+
+        self.generate_calls += 1
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            p = self._script_for(r.prompt_token_ids)
+            text = self.scripts[p][self.calls[p]]
+            self.calls[p] += 1
+            stop_str = None
+            for s in r.sampling.stop:  # cut at the earliest stop string, keeping it
+                i = text.find(s)
+                if i >= 0 and (stop_str is None or i + len(s) < len(text)):
+                    text, stop_str = text[: i + len(s)], s
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            reason = "stop" if stop_str else "eos"
+            if len(ids) > r.sampling.max_tokens:
+                ids, reason, stop_str = ids[: r.sampling.max_tokens], "length", None
+            lps = [-0.01 * (k + 1) for k in range(len(ids))]
+            out.append(Completion(list(r.prompt_token_ids) + ids, len(r.prompt_token_ids), ids, lps, reason,
+                                  stop_str, self.tokenizer.decode(ids)))
+        return out
+
+    def extend(self, completion, new_token_ids, sampling):
+        from rexrag_fast.engine import Request
+
+        return Request(list(completion.token_ids) + list(new_token_ids), sampling)
+
+    def fork(self, completion, keep_tokens, append_token_ids, sampling):
+        from rexrag_fast.engine import Request
+
+        return Request(list(completion.token_ids[:keep_tokens]) + list(append_token_ids), sampling)
+
+
+def test_scripted_multi_turn_paths(tokenizer, world, retriever):
+    p = [tuple(x) for x in prompts(tokenizer, world, 4)]
+    scripts = {
+        # search, search, answer
+        p[0]: ["<think>a</think><search> Gamir </search> ignored", "<search>city</search>", "<answer> X </answer>"],
+        # invalid, search, then the final turn: a search there is not run; the answer after it counts
+        p[1]: ["no action", "<search>b</search>", "<search>c</search> no <answer>Y</answer>"],
+        # answers at once; text after the answer's closing tag is cut by the stop string
+        p[2]: ["<answer>Z</answer> trailing"],
+        # never answers: ends with max_turns
+        p[3]: ["x", "y", "<search>z</search>"],
+    }
+    engine = ScriptedPolicy(tokenizer, scripts)
+    counting = CountingRetriever(retriever)
+    cfg = AgentConfig(max_turns=2, max_tokens_per_turn=50, max_obs_tokens=30, topk=1)
+    t0, t1, t2, t3 = run_agent_loop(engine, counting, [list(x) for x in p], cfg)
+    # one retrieval per searching turn, batched across trajectories, in item order
+    assert counting.calls == [["Gamir"], ["city", "b"]]
+    assert engine.generate_calls == 3
+    assert (t0.status, t0.answer, [x.action for x in t0.turns]) == ("answer", "X", ["search", "search", "answer"])
+    assert (t1.status, t1.answer, [x.action for x in t1.turns]) == ("answer", "Y", [None, "search", "answer"])
+    assert (t2.status, t2.answer, len(t2.turns)) == ("answer", "Z", 1)
+    assert tokenizer.decode(t2.token_ids[t2.turns[0].start:t2.turns[0].end]) == "<answer>Z</answer>"
+    assert (t3.status, t3.answer, [x.action for x in t3.turns]) == ("max_turns", None, [None, None, None])
+    assert t3.num_invalid == 2 and t1.num_invalid == 1 and t0.num_searches == 2
+    # stop strings: both tags before the final turn, only </answer> in it
+    stops = [r.sampling.stop for r in engine.requests]
+    assert stops.count(("</answer>",)) == 3  # t0, t1, t3 reached the final turn
+    assert stops.count(("</search>", "</answer>")) == len(stops) - 3
+    for t in (t0, t1, t2, t3):
+        check_masks(t, tokenizer, cfg)
+        # scripted log-probs are kept on exactly the generated tokens
+        resp = [lp for lp, c in zip(t.logprobs, t.components) if c == Component.RESPONSE]
+        assert all(lp < 0 for lp in resp)
+    # each of t0's two observations (a whole passage is longer than 30 tokens) is cut to max_obs_tokens
+    info = [tok for tok, c in zip(t0.token_ids, t0.components) if c == Component.INFORMATION]
+    assert len(info) == 2 * cfg.max_obs_tokens
+
+
+def test_scripted_budget_caps_max_tokens(tokenizer, world, retriever):
+    p = tuple(prompts(tokenizer, world, 1)[0])
+    engine = ScriptedPolicy(tokenizer, {p: ["<search>a</search>", "word " * 40]})
+    cfg = AgentConfig(max_turns=3, max_tokens_per_turn=30, max_obs_tokens=20, max_response_tokens=40)
+    (t,) = run_agent_loop(engine, retriever, [list(p)], cfg)
+    first = tokenizer.encode("<search>a</search>", add_special_tokens=False)
+    # turn 2 may use only what is left of the 40-token budget after turn 1 and its 20-token observation
+    assert engine.requests[1].sampling.max_tokens == 40 - len(first) - 20
+    assert t.status == "length" and t.num_response_tokens == 40

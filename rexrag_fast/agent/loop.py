@@ -65,7 +65,8 @@ class Retriever(Protocol):
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Limits and sampling of the agent loop.
+    """Limits and sampling of the agent loop (defaults: Search-R1's max_turns=4, topk=3,
+    max_obs_length=500, per-generation max_response_length=500, max_prompt_length=4096).
 
     max_turns: turns that may search (Search-R1's max_turns); one final answer turn follows.
     topk: passages per query. max_obs_tokens: cap on one inserted observation.
@@ -79,8 +80,8 @@ class AgentConfig:
 
     max_turns: int = 4
     topk: int = 3
-    max_obs_tokens: int = 512
-    max_tokens_per_turn: int = 512
+    max_obs_tokens: int = 500
+    max_tokens_per_turn: int = 500
     max_response_tokens: int = 4096
     temperature: float = 1.0
     top_p: float = 1.0
