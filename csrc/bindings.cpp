@@ -2,14 +2,17 @@
 //
 // Inputs are Python lists/tuples of ints or 1-D integer numpy arrays; a contiguous int32 array is read in
 // place, anything else is converted once (with a range check) before the GIL is released. Outputs are
-// int32 numpy arrays. The GIL is released around every call that walks the tree or a block list, and is
-// never re-acquired while a cache or allocator mutex is held (see prefix_cache.h).
+// int32 numpy arrays. The GIL is released around calls that walk a long token or block list (at least
+// kGilReleaseMinItems items), around evict/reset/check_invariants, and is never re-acquired while a cache or
+// allocator mutex is held (see prefix_cache.h). Short calls keep the GIL: they finish in about a microsecond,
+// less than the two thread-state switches that releasing it costs.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +27,19 @@ using rexrag::PrefixCache;
 namespace {
 
 PyObject* g_cache_error = nullptr;
+
+constexpr size_t kGilReleaseMinItems = 4096;
+
+// Releases the GIL for its lifetime when `release` is true.
+class MaybeReleaseGil {
+ public:
+  explicit MaybeReleaseGil(bool release) {
+    if (release) released_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_release> released_;
+};
 
 // A read-only view of int32 values: either numpy memory in place or `storage`.
 struct IntView {
@@ -112,16 +128,38 @@ py::array_t<int32_t> to_numpy(const std::vector<int32_t>& v) {
   return out;
 }
 
-struct MatchResult {
-  py::array_t<int32_t> block_ids;
-  int64_t num_matched_tokens;
-  int64_t handle;
+// MatchResult is a struct sequence (like os.stat_result): attribute access and tuple unpacking, and as cheap
+// to build as a tuple, which matters on the admission hot path.
+PyTypeObject* g_match_result_type = nullptr;
+
+PyStructSequence_Field g_match_result_fields[] = {
+    {"block_ids", "int32 [n]: KV block ids of the matched prefix, root to leaf"},
+    {"num_matched_tokens", "n * block_size"},
+    {"handle", "deepest matched node (the namespace root when nothing matched): pass to lock()/unlock()"},
+    {nullptr, nullptr},
 };
+
+PyStructSequence_Desc g_match_result_desc = {
+    "rexrag_fast.cache.MatchResult",
+    "Result of PrefixCache.match_prefix: (block_ids, num_matched_tokens, handle).",
+    g_match_result_fields,
+    3,
+};
+
+py::object make_match_result(py::array_t<int32_t> block_ids, int64_t num_matched_tokens, int64_t handle) {
+  PyObject* r = PyStructSequence_New(g_match_result_type);
+  if (!r) throw py::error_already_set();
+  PyStructSequence_SetItem(r, 0, block_ids.release().ptr());
+  PyStructSequence_SetItem(r, 1, py::int_(num_matched_tokens).release().ptr());
+  PyStructSequence_SetItem(r, 2, py::int_(handle).release().ptr());
+  return py::reinterpret_steal<py::object>(r);
+}
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rexrag-fast C++ core: KV block allocator and radix prefix cache (Python face: rexrag_fast.cache)";
+  m.attr("GIL_RELEASE_MIN_ITEMS") = kGilReleaseMinItems;
 
   py::tuple bases = py::make_tuple(py::handle(PyExc_ValueError), py::handle(PyExc_RuntimeError));
   g_cache_error = PyErr_NewExceptionWithDoc("rexrag_fast._C.CacheError",
@@ -137,21 +175,9 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
-  py::class_<MatchResult>(m, "MatchResult",
-                          "Result of PrefixCache.match_prefix: block_ids (int32 [n]), num_matched_tokens "
-                          "(n * block_size), handle (deepest matched node, or the namespace root).")
-      .def_readonly("block_ids", &MatchResult::block_ids)
-      .def_readonly("num_matched_tokens", &MatchResult::num_matched_tokens)
-      .def_readonly("handle", &MatchResult::handle)
-      .def("__iter__",
-           [](const MatchResult& r) {
-             return py::iter(py::make_tuple(r.block_ids, r.num_matched_tokens, r.handle));
-           })
-      .def("__repr__", [](const MatchResult& r) {
-        return "MatchResult(block_ids=" + std::string(py::repr(r.block_ids)) +
-               ", num_matched_tokens=" + std::to_string(r.num_matched_tokens) +
-               ", handle=" + std::to_string(r.handle) + ")";
-      });
+  g_match_result_type = PyStructSequence_NewType(&g_match_result_desc);
+  if (!g_match_result_type) throw py::error_already_set();
+  m.add_object("MatchResult", py::handle(reinterpret_cast<PyObject*>(g_match_result_type)));
 
   py::class_<BlockAllocator, std::shared_ptr<BlockAllocator>>(
       m, "BlockAllocator", "A pool of num_blocks KV block ids with reference counts and a LIFO free list.")
@@ -161,7 +187,7 @@ PYBIND11_MODULE(_C, m) {
           [](BlockAllocator& a, int64_t n) {
             std::vector<int32_t> ids;
             {
-              py::gil_scoped_release nogil;
+              MaybeReleaseGil nogil(n >= static_cast<int64_t>(kGilReleaseMinItems));
               ids = a.allocate(n);
             }
             return to_numpy(ids);
@@ -172,7 +198,7 @@ PYBIND11_MODULE(_C, m) {
           [](BlockAllocator& a, const py::handle& blocks) {
             std::vector<int32_t> buf;
             IntView v = read_ints(blocks, "blocks", &buf);
-            py::gil_scoped_release nogil;
+            MaybeReleaseGil nogil(v.size >= kGilReleaseMinItems);
             a.incref(v.data, v.size);
           },
           py::arg("blocks"), "One more reference on each block (sharing, e.g. a forked sequence).")
@@ -181,7 +207,7 @@ PYBIND11_MODULE(_C, m) {
           [](BlockAllocator& a, const py::handle& blocks) {
             std::vector<int32_t> buf;
             IntView v = read_ints(blocks, "blocks", &buf);
-            py::gil_scoped_release nogil;
+            MaybeReleaseGil nogil(v.size >= kGilReleaseMinItems);
             a.free(v.data, v.size);
           },
           py::arg("blocks"),
@@ -206,11 +232,11 @@ PYBIND11_MODULE(_C, m) {
             IntView t = read_ints(tokens, "tokens", &buf);
             int64_t handle;
             {
-              py::gil_scoped_release nogil;
+              MaybeReleaseGil nogil(t.size >= kGilReleaseMinItems);
               handle = c.match_prefix(t.data, t.size, ns, &blocks);
             }
             const auto n = static_cast<int64_t>(blocks.size());
-            return MatchResult{to_numpy(blocks), n * c.block_size(), handle};
+            return make_match_result(to_numpy(blocks), n * c.block_size(), handle);
           },
           py::arg("tokens"), py::arg("namespace") = 0)
       .def(
@@ -219,7 +245,7 @@ PYBIND11_MODULE(_C, m) {
             std::vector<int32_t> tbuf, bbuf;
             IntView t = read_ints(tokens, "tokens", &tbuf);
             IntView b = read_ints(block_ids, "block_ids", &bbuf);
-            py::gil_scoped_release nogil;
+            MaybeReleaseGil nogil(t.size >= kGilReleaseMinItems);
             return c.insert(t.data, t.size, b.data, b.size, ns);
           },
           py::arg("tokens"), py::arg("block_ids"), py::arg("namespace") = 0)

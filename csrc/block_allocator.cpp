@@ -22,11 +22,8 @@ BlockAllocator::BlockAllocator(int64_t num_blocks) {
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
 }
 
-void BlockAllocator::check_id_locked(int64_t block, const char* what) const {
-  if (block < 0 || block >= num_blocks()) {
-    throw CacheError(std::string(what) + ": block id " + str(block) + " out of range [0, " + str(num_blocks()) +
-                     ")");
-  }
+void BlockAllocator::throw_bad_id(int64_t block, const char* what) const {
+  throw CacheError(std::string(what) + ": block id " + str(block) + " out of range [0, " + str(num_blocks()) + ")");
 }
 
 std::vector<int32_t> BlockAllocator::allocate(int64_t n) {
@@ -96,8 +93,6 @@ int64_t BlockAllocator::num_free() const {
   return static_cast<int64_t>(free_.size());
 }
 
-void BlockAllocator::transfer_to_cache_locked(int32_t block, int32_t owner) { owner_[block] = owner; }
-
 void BlockAllocator::release_cache_ref_locked(int32_t block, int32_t owner) {
   if (owner_[block] != owner || refcount_[block] < 1) {
     throw CacheError("internal: cache " + str(owner) + " releases block " + str(block) + " that it does not own");
@@ -106,18 +101,28 @@ void BlockAllocator::release_cache_ref_locked(int32_t block, int32_t owner) {
   if (--refcount_[block] == 0) push_free(block);
 }
 
-int32_t BlockAllocator::first_repeated_locked(const int32_t* ids, size_t n, int32_t max_count) {
-  int32_t repeated = -1;
+void BlockAllocator::check_distinct_allocated_locked(const int32_t* ids, size_t n, const char* what) {
   size_t i = 0;
+  std::string error;
   for (; i < n; ++i) {
-    if (++scratch_[ids[i]] > max_count) {
-      repeated = ids[i];
+    const int32_t b = ids[i];
+    if (b < 0 || b >= num_blocks()) {
+      error = std::string(what) + ": block id " + str(b) + " out of range [0, " + str(num_blocks()) + ")";
+      break;
+    }
+    if (refcount_[b] == 0) {
+      error = std::string(what) + ": block " + str(b) + " at position " + str(static_cast<int64_t>(i)) +
+              " is free (refcount 0); expected an allocated block";
+      break;
+    }
+    if (++scratch_[b] > 1) {
+      error = std::string(what) + ": block " + str(b) + " appears more than once in block_ids; expected distinct ids";
       ++i;
       break;
     }
   }
   for (size_t j = 0; j < i; ++j) scratch_[ids[j]] = 0;
-  return repeated;
+  if (!error.empty()) throw CacheError(error);
 }
 
 void BlockAllocator::check_invariants() const {

@@ -49,20 +49,22 @@ class BlockAllocator {
   std::mutex& mutex() const { return mu_; }
 
   // ---- used by PrefixCache while it holds mutex() ----
-  void check_id_locked(int64_t block, const char* what) const;
+  void check_id_locked(int64_t block, const char* what) const {
+    if (block < 0 || block >= num_blocks()) throw_bad_id(block, what);
+  }
   int32_t refcount_locked(int32_t block) const { return refcount_[block]; }
   int32_t owner_locked(int32_t block) const { return owner_[block]; }
   // The caller's reference on `block` becomes cache `owner`'s reference (refcount unchanged).
-  void transfer_to_cache_locked(int32_t block, int32_t owner);
+  void transfer_to_cache_locked(int32_t block, int32_t owner) { owner_[block] = owner; }
   // Drop cache `owner`'s reference on `block`.
   void release_cache_ref_locked(int32_t block, int32_t owner);
-  // Counts of each id in [ids, ids+n) via a zeroed per-block scratch array: returns the first id seen
-  // more than `max_count` times, or -1. Leaves the scratch zeroed.
-  int32_t first_repeated_locked(const int32_t* ids, size_t n, int32_t max_count);
+  // Throws unless ids [n] are distinct, in range and allocated (refcount >= 1); `what` prefixes the message.
+  void check_distinct_allocated_locked(const int32_t* ids, size_t n, const char* what);
   void check_invariants_locked() const;
 
  private:
   void push_free(int32_t block) { free_.push_back(block); }
+  [[noreturn]] void throw_bad_id(int64_t block, const char* what) const;
 
   std::vector<int32_t> refcount_;
   std::vector<int32_t> owner_;    // cache id holding one of the references, or kNoOwner

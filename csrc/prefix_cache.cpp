@@ -294,17 +294,7 @@ int64_t PrefixCache::insert(const int32_t* tokens, size_t n, const int32_t* ids,
                      str(static_cast<int64_t>(n)) + " tokens; expected len(tokens) // block_size = " +
                      str(static_cast<int64_t>(nb)) + " (block_size " + str(block_size_) + ")");
   }
-  for (size_t i = 0; i < nb; ++i) {
-    alloc_->check_id_locked(ids[i], "insert");
-    if (alloc_->refcount_locked(ids[i]) == 0) {
-      throw CacheError("insert: block " + str(ids[i]) + " at position " + str(static_cast<int64_t>(i)) +
-                       " is free (refcount 0); expected an allocated block");
-    }
-  }
-  const int32_t dup = alloc_->first_repeated_locked(ids, nb, 1);
-  if (dup >= 0) {
-    throw CacheError("insert: block " + str(dup) + " appears more than once in block_ids; expected distinct ids");
-  }
+  alloc_->check_distinct_allocated_locked(ids, nb, "insert");
 
   const int32_t root = root_for(ns);
   std::pair<int32_t, size_t> partial;

@@ -21,7 +21,8 @@
 //
 // Thread safety: one std::mutex per cache (mu_) serialises every method; methods that change blocks also
 // take the allocator's mutex, always after mu_. Nothing here touches Python objects, so the bindings
-// release the GIL before calling the long methods; they never take the GIL while holding mu_.
+// release the GIL around long calls (long token lists, evict, reset); they never take the GIL while holding
+// mu_, so a thread that holds the GIL and waits for mu_ cannot deadlock with the thread inside.
 #pragma once
 
 #include <cstddef>

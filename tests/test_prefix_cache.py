@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from rexrag_fast import _C
 from rexrag_fast.cache import BlockAllocator, CacheError, MatchResult, PrefixCache
 
 
@@ -311,35 +312,39 @@ def test_bad_construction_raises(block_size: int, hash_bits: int) -> None:
 
 
 def test_concurrent_threads_keep_the_cache_consistent(seed: int) -> None:
-    """Four threads run the engine protocol (match, lock, allocate, insert, unlock, evict) on one cache."""
-    alloc = BlockAllocator(256)
-    cache = PrefixCache(4, alloc)
-    prompts = [np.arange(p * 1000, p * 1000 + 32, dtype=np.int32) for p in range(3)]
+    """Four threads run the engine protocol (match, lock, allocate, insert, unlock, evict) on one cache; one
+    prompt is long enough that match/insert release the GIL, so C++ calls really overlap."""
+    bs = 16
+    alloc = BlockAllocator(2048)
+    cache = PrefixCache(bs, alloc)
+    long_len = _C.GIL_RELEASE_MIN_ITEMS + 64
+    prompts = [np.arange(p * 100_000, p * 100_000 + n, dtype=np.int32) for p, n in enumerate([64, 128, long_len])]
     errors: list[BaseException] = []
 
     def worker(tid: int) -> None:
         rng = np.random.default_rng(seed + tid)
         try:
-            for _ in range(150):
+            for _ in range(80):
                 prompt = prompts[int(rng.integers(len(prompts)))]
-                s = np.concatenate([prompt, rng.integers(0, 5, size=int(rng.integers(0, 24)), dtype=np.int32)])
-                m = cache.match_prefix(s, namespace=tid % 2)
+                s = np.concatenate([prompt, rng.integers(0, 3, size=int(rng.integers(0, 96)), dtype=np.int32)])
+                ns = tid % 2
+                m = cache.match_prefix(s, namespace=ns)
                 cache.lock(m.handle)
-                need = len(s) // 4 - len(m.block_ids)
+                need = len(s) // bs - len(m.block_ids)
                 try:
                     new = alloc.allocate(need)
                 except CacheError:
                     cache.unlock(m.handle)
                     cache.evict(need)
                     continue
-                n_cached = cache.insert(s, np.concatenate([m.block_ids, new]), namespace=tid % 2)
+                n_cached = cache.insert(s, np.concatenate([m.block_ids, new]), namespace=ns)
                 # another thread may have cached more of s in the meantime: free our duplicates
-                dup = n_cached // 4 - len(m.block_ids)
+                dup = n_cached // bs - len(m.block_ids)
                 if dup > 0:
                     alloc.free(new[:dup])
                 cache.unlock(m.handle)
-                if alloc.num_free < 40:
-                    cache.evict(20)
+                if alloc.num_free < 700:
+                    cache.evict(400)
         except BaseException as e:  # reported by the main thread
             errors.append(e)
 
@@ -351,4 +356,4 @@ def test_concurrent_threads_keep_the_cache_consistent(seed: int) -> None:
     assert not errors, errors
     cache.check_invariants()
     assert cache.locked_blocks == 0
-    assert alloc.num_free + cache.cached_tokens // 4 == 256
+    assert alloc.num_free + cache.cached_tokens // bs == 2048
