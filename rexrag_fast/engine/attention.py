@@ -22,6 +22,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 FLASH_ATTN_BLOCK_MULTIPLE = 256  # flash-attn's paged-KV kernels need pages of a multiple of 256 tokens
+_logged: set[str] = set()
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def _flash_attn_importable() -> bool:
 
 
 def choose_backend(requested: str, device: torch.device, block_size: int) -> str:
-    """'flash_attn' or 'torch' for this device and block size; logs the choice once per engine."""
+    """'flash_attn' or 'torch' for this device and block size; each distinct choice is logged once."""
     if requested not in ("auto", "flash_attn", "torch"):
         raise ValueError(f"attention_backend: expected 'auto', 'flash_attn' or 'torch', got {requested!r}")
     flash_ok = device.type == "cuda" and _flash_attn_importable() and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0
@@ -70,7 +71,10 @@ def choose_backend(requested: str, device: torch.device, block_size: int) -> str
     if backend == "torch" and device.type == "cuda" and requested == "auto":
         why = (" (flash-attn not importable)" if not _flash_attn_importable()
                else f" (block_size {block_size} is not a multiple of {FLASH_ATTN_BLOCK_MULTIPLE})")
-    logger.info("rollout engine attention backend: %s on %s%s", backend, device, why)
+    message = f"rollout engine attention backend: {backend} on {device}{why}"
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
     return backend
 
 
