@@ -155,3 +155,16 @@ def test_load_weights_from_a_stream_of_named_tensors(qwen):
     with pytest.raises(KeyError, match="lacked"):
         engine.load_weights(partial)
     assert engine.weights_version == 2  # bumped even by the failed update: no stale KV reuse
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 0.05), (torch.bfloat16, 0.3)])
+def test_half_precision_pool_and_weights(qwen, dtype, atol):
+    """16-bit weights and KV: the log-probs of the tokens it chose stay near the fp32 model's."""
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=32, block_size=8, dtype=dtype))
+    assert engine.runner.kv.data.dtype == dtype
+    prompts = prompts_of([12, 30], seed=16)
+    outs = engine.generate([Request(p, GREEDY) for p in prompts], progress=True)
+    for p, out in zip(prompts, outs):
+        assert len(out.output_token_ids) == GREEDY.max_tokens
+        assert_close(torch.tensor(out.output_logprobs), hf_logprobs(qwen, out.token_ids, len(p)),
+                     atol=atol, rtol=0.0, name=f"{dtype} log-probs")
