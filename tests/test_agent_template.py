@@ -79,5 +79,7 @@ def test_no_chat_template_uses_bare_text(tokenizer) -> None:
     plain = _PlainTokenizer(tokenizer)
     ids = encode_prompt("who founded Rome", plain)
     assert tokenizer.decode(ids) == build_instruction("who founded Rome")
+    # as verl's dataset: the first message's content, no special tokens added
+    assert render_messages([{"role": "user", "content": "A"}, {"role": "user", "content": "B"}], plain) == "A"
     # use_chat_template=False forces the bare text even with a template
     assert encode_prompt("who founded Rome", tokenizer, use_chat_template=False) == ids

@@ -48,14 +48,14 @@ def render_messages(messages: list[dict[str, str]], tokenizer: Any, use_chat_tem
     """Text of the first prompt for `messages` ([{"role", "content"}], as in Search-R1 parquet files).
 
     With a chat template (and `use_chat_template`): the template applied with add_generation_prompt=True,
-    so the text ends where the assistant starts writing. Without one: the message contents joined by
-    newlines (a base model reads the instruction directly).
+    so the text ends where the assistant starts writing. Without one: the first message's content, as
+    verl's RLHFDataset does (a base model reads the instruction directly).
     """
     if not messages or not all(isinstance(m, dict) and "content" in m for m in messages):
         raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
     if use_chat_template and has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "\n".join(m["content"] for m in messages)
+    return messages[0]["content"]
 
 
 def encode_prompt(
@@ -68,8 +68,8 @@ def encode_prompt(
 ) -> list[int]:
     """Token ids [P] of the first prompt: from `messages` if given, else from `question` and `template`.
 
-    The rendered chat text already holds the model's special tokens, so it is encoded with
-    add_special_tokens=False; a tokenizer without a chat template gets its usual special tokens (BOS).
+    Encoded with add_special_tokens=False, as verl's tokenize_and_postprocess_data does: the chat text
+    already holds the model's special tokens, and the reference adds none to a bare instruction either.
     """
     if tokenizer is None:
         raise ValueError("encode_prompt needs a tokenizer")
@@ -78,5 +78,4 @@ def encode_prompt(
             raise ValueError("encode_prompt needs either question= or messages=")
         messages = [{"role": "user", "content": build_instruction(question, template)}]
     text = render_messages(messages, tokenizer, use_chat_template)
-    chat = use_chat_template and has_chat_template(tokenizer)
-    return list(tokenizer.encode(text, add_special_tokens=not chat))
+    return list(tokenizer.encode(text, add_special_tokens=False))
