@@ -259,12 +259,12 @@ class ZeroActor:
     def _comm_device(self) -> torch.device:
         return _comm_device(self.device)
 
-    def _global_sum(self, value: float) -> float:
+    def _global_sums(self, values: Sequence[float]) -> list[float]:
         if not dist_utils.is_initialized():
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
 
     def update(self, mini_batches: Sequence[Sequence[PackedBatch]], step: int = 0, loss_fn: LossFn | None = None
                ) -> dict[str, float]:
@@ -274,8 +274,10 @@ class ZeroActor:
         what `loss_fn` reads (at least response_mask). Every rank passes the same number of mini-batches.
         step: RL steps completed so far (sets the warmup learning rate).
         loss_fn: this step's loss (e.g. with this step's REX-RAG alpha); default the one given at construction.
-        Returns averaged metrics: actor/loss, actor/<loss metric> (response-token weighted),
-        actor/grad_norm, actor/lr, actor/entropy (when computed), tokens and timing on this rank.
+        Returns metrics, the same on every rank: actor/loss, actor/<each loss metric>, actor/entropy (when
+        computed), all averaged over micro-batches of all ranks and epochs with the loss weights; actor/grad_norm
+        (mean over optimizer steps), actor/lr, actor/update_tokens (all ranks, all epochs), and this rank's
+        throughput/update_tokens_per_s.
         """
         loss_fn = loss_fn or self.loss_fn
         n_mini = len(mini_batches)
@@ -295,7 +297,7 @@ class ZeroActor:
         for _epoch in range(self.cfg.actor.ppo_epochs):
             for mini in mini_batches:
                 plan = equalise_across_ranks(mini, self.device)
-                total_w = self._global_sum(sum(self._weight(m) for m, counts in plan if counts))
+                total_w = self._global_sums([sum(self._weight(m) for m, counts in plan if counts)])[0]
                 world = dist_utils.get_world_size()
                 for i, (mb, counts) in enumerate(plan):
                     self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
@@ -320,14 +322,19 @@ class ZeroActor:
                 gn = self.engine.get_global_grad_norm()
                 if gn is not None:
                     grad_norms.append(_to_float(gn))
-        out = {k: v / weight_seen for k, v in sums.items()} if weight_seen > 0 else {}
+        # Metrics are weighted means over every rank's micro-batches (the same weights as the loss), so every
+        # rank reports the global value. Keys are the same on all ranks (same loss_fn, same entropy setting).
+        keys = sorted(sums)
+        totals = self._global_sums([sums[k] for k in keys] + [weight_seen, float(tokens)])
+        weight_seen, tokens_all = totals[-2], totals[-1]
+        out = {k: v / weight_seen for k, v in zip(keys, totals)} if weight_seen > 0 else {}
         if grad_norms:
             out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["actor/lr"] = lr
         out["actor/optimizer_steps"] = float(self.cfg.actor.ppo_epochs * n_mini)
         elapsed = time.perf_counter() - t0
-        out["actor/update_tokens"] = float(tokens)
-        out["throughput/update_tokens_per_s"] = tokens / elapsed if elapsed > 0 else math.nan
+        out["actor/update_tokens"] = tokens_all
+        out["throughput/update_tokens_per_s"] = tokens / elapsed if elapsed > 0 else math.nan  # this rank
         return out
 
     # --------------------------------------------------------------------------------- weight sync

@@ -1,7 +1,8 @@
 """A real multi-process ZeRO-3 training run on a fixed synthetic batch, launched by tests/test_zero3_actor.py:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 --master_port=PORT tests/dist_scripts/zero3_update.py \\
-        --out DIR [--max-steps N] [--save-every K] [--sigterm-at-step S] [--resume] [--eager]
+        --out DIR [--max-steps N] [--save-every K] [--sigterm-at-step S] [--resume] [--eager] [--ref cpu]
+        [--mini-batch-prompts P] [--rewards per-prompt]
 
 Each RL step: this rank's prompts (shard of a fixed synthetic set, n responses each) get fresh 0/1 rewards
 from the global torch RNG (standing in for rollouts, so resume must restore RNG state), GRPO advantages,
@@ -66,6 +67,10 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--ref", default="deepspeed", choices=["cpu", "deepspeed"])
+    ap.add_argument("--mini-batch-prompts", type=int, default=3, help="actor.ppo_mini_batch_size (of 6 prompts)")
+    ap.add_argument("--rewards", default="rng", choices=["rng", "per-prompt"],
+                    help="rng: from each rank's global RNG; per-prompt: a function of (step, prompt), the same "
+                         "whatever the number of ranks")
     args = ap.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
@@ -76,7 +81,8 @@ def main() -> int:
         f"trainer.save_every={args.save_every}", "trainer.keep_last=2",
         "data.train_batch_size=6", "data.max_prompt_length=32", "data.max_start_length=16",
         "data.max_response_length=16", f"rollout.n_agent={N_AGENT}",
-        "actor.lr=2e-3", "actor.ppo_epochs=2", "actor.ppo_mini_batch_size=3", "actor.max_tokens_per_micro_batch=48",
+        "actor.lr=2e-3", "actor.ppo_epochs=2", f"actor.ppo_mini_batch_size={args.mini_batch_prompts}",
+        "actor.max_tokens_per_micro_batch=48",
         f"actor.use_fused_kernels={'false' if args.eager else 'true'}", f"actor.ref_placement={args.ref}",
         "deepspeed.zero_stage=3", "deepspeed.precision=fp32", "deepspeed.gradient_checkpointing=true",
         "algorithm.kl_coef=0.01",
@@ -114,7 +120,12 @@ def main() -> int:
                            tensorboard=False, progress_bar=False)
     with GracefulStop() as stop:
         while state.step < cfg.trainer.max_steps:
-            rewards = torch.bernoulli(torch.full((len(ids),), 0.5))
+            if args.rewards == "rng":
+                rewards = torch.bernoulli(torch.full((len(ids),), 0.5))
+            else:
+                g = torch.Generator().manual_seed(state.step)
+                every = torch.bernoulli(torch.full((PROMPTS * N_AGENT,), 0.5), generator=g)
+                rewards = every[my_prompts.start * N_AGENT: my_prompts.stop * N_AGENT]
             adv = sequence_advantages(rewards, group_t, cfg.algorithm)
             per_token = {"response_mask": masks, "advantages": [adv[i] * masks[i].float() for i in range(len(ids))]}
             minis = plan_mini_batches(ids, num_mini, cfg.actor.max_tokens_per_micro_batch, per_token,
