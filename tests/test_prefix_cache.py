@@ -357,3 +357,39 @@ def test_concurrent_threads_keep_the_cache_consistent(seed: int) -> None:
     cache.check_invariants()
     assert cache.locked_blocks == 0
     assert alloc.num_free + cache.cached_tokens // bs == 2048
+
+
+def test_two_caches_can_share_an_allocator_but_never_a_block() -> None:
+    alloc = BlockAllocator(8)
+    first, second = PrefixCache(4, alloc), PrefixCache(4, alloc)
+    tokens = seq((0, 8))
+    blocks = alloc.allocate(2)
+    first.insert(tokens, blocks)
+    with pytest.raises(CacheError, match=r"block \d at position 0 is already held by a prefix cache"):
+        second.insert(tokens, blocks)
+    second.insert(tokens, alloc.allocate(2))
+    first.check_invariants()
+    second.check_invariants()
+    assert first.evict(8) == 2 and alloc.num_free == 6
+    second.check_invariants()
+
+
+def test_a_caller_reference_keeps_an_evicted_block_allocated() -> None:
+    """A fork that increfs matched blocks keeps them after the cache drops its own reference."""
+    tokens = seq((0, 8))
+    alloc, cache, blocks = cache_and_insert(4, tokens, num_blocks=4)
+    m = cache.match_prefix(tokens)
+    alloc.incref(m.block_ids)
+    assert cache.evict(2) == 2
+    assert [alloc.refcount(int(b)) for b in blocks] == [1, 1] and alloc.num_free == 2
+    alloc.free(m.block_ids)
+    assert alloc.num_free == 4
+    cache.check_invariants()
+
+
+@pytest.mark.parametrize("block_size", [3, 5])
+def test_odd_block_sizes(block_size: int) -> None:
+    tokens = seq((0, 4 * block_size + 1))
+    alloc, cache, blocks = cache_and_insert(block_size, tokens)
+    assert cache.match_prefix(tokens[: 3 * block_size + 2]).block_ids.tolist() == blocks[:3].tolist()
+    cache.check_invariants()

@@ -7,7 +7,7 @@ evicting LRU blocks when the fixed block budget is short) and finished (insert t
 duplicates, unlock); then 1-3 branch rollouts fork from a random point of a finished sibling (REX-RAG
 probes from a dead-end prefix) and go through the same admission and finish. Every call into the cache or
 the allocator is timed separately; ops/s of a row = calls / seconds spent inside those calls (each
-operation type's fastest of 15 repeats of the whole workload, garbage collector off as in harness.time_fn).
+operation type's fastest of 15 (tiny) or 5 repeats of the whole workload, garbage collector off as in harness.time_fn).
 
 Both implementations see the same sequences in their native form (the C++ cache int32 numpy arrays, the
 Python tree lists) and must end with identical totals (matched tokens, blocks evicted, cached tokens), so
@@ -43,7 +43,10 @@ class Workload:
         return [[(a.tolist(), f.tolist()) for a, f in phase] for phase in self.phases]
 
 
-PRESET_SIZES = {"tiny": dict(groups=60, num_blocks=3072), "qwen2.5-3b": dict(groups=400, num_blocks=16384)}
+PRESET_SIZES = {
+    "tiny": dict(groups=60, num_blocks=3072, repeats=15),
+    "qwen2.5-3b": dict(groups=400, num_blocks=16384, repeats=5),
+}
 
 
 def make_workload(groups: int, num_blocks: int, seed: int = 0) -> Workload:
@@ -190,7 +193,7 @@ def prefix_cache_stage(preset: str, progress: Progress) -> list[Row]:
     sizes = PRESET_SIZES[preset]
     work = make_workload(sizes["groups"], sizes["num_blocks"])
     lists = work.as_lists()
-    repeats = 15
+    repeats = sizes["repeats"]
     progress(f"{work.num_sequences} sequences in {sizes['groups']} groups, budget {work.num_blocks} blocks")
 
     cpp_runs, cpp_list_runs, py_runs = [], [], []
