@@ -1,0 +1,130 @@
+"""Stage `retrieval`: index build docs/s, and queries/s of the real HTTP server with micro-batching against the same
+server embedding one request (one query) per call, on the embedded world.
+
+Load: C concurrent clients on loopback (asyncio + httpx in a separate process, so the load generator does not
+compete with the server for this process's GIL), each sending one-query requests back to back for a fixed time;
+queries/s = answered queries / elapsed. A fixed duration, not a fixed count, keeps the stage bounded on a slow or
+shared CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.harness import Progress, Row, stage
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+PRESET_SIZES = {
+    # docs indexed, concurrent clients, seconds of load per mode
+    "tiny": {"docs": 96, "clients": 64, "seconds": 4.0},
+    "qwen2.5-3b": {"docs": None, "clients": 128, "seconds": 20.0},  # None: the whole default world
+}
+
+
+def _load(url: str, queries: list[str], clients: int, seconds: float) -> tuple[int, float]:
+    """Run `clients` loops of one-query POSTs for `seconds`; returns (answered queries, elapsed seconds)."""
+    import httpx
+
+    async def main() -> tuple[int, float]:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            answered = 0
+            start = time.perf_counter()
+            deadline = start + seconds
+
+            async def worker(w: int) -> None:
+                nonlocal answered
+                i = w
+                while time.perf_counter() < deadline:
+                    resp = await client.post(url, json={"queries": [queries[i % len(queries)]], "topk": 3,
+                                                        "return_scores": True})
+                    resp.raise_for_status()
+                    answered += 1
+                    i += clients
+
+            await asyncio.gather(*(worker(w) for w in range(clients)))
+            return answered, time.perf_counter() - start
+
+    return asyncio.run(main())
+
+
+def _load_in_subprocess(url: str, queries_file: Path, clients: int, seconds: float) -> tuple[int, float]:
+    cmd = [sys.executable, "-m", "bench.stages.retrieval", "--url", url, "--queries", str(queries_file),
+           "--clients", str(clients), "--seconds", str(seconds)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=seconds + 300)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
+    answered, elapsed = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(answered), float(elapsed)
+
+
+@stage("retrieval")
+def retrieval(preset: str, progress: Progress) -> list[Row]:
+    from rexrag_fast.data.world import World, default_world_dir
+    from rexrag_fast.retrieval import LocalRetriever, build_index, get_embedder
+    from rexrag_fast.retrieval.server import BatchingConfig, ServerThread, create_app
+
+    sizes = PRESET_SIZES[preset]
+    progress("loading the embedded world and the embedder")
+    world = World.load(default_world_dir())
+    docs = world.documents if sizes["docs"] is None else world.documents[:: max(1, len(world.documents) //
+                                                                                 sizes["docs"])][: sizes["docs"]]
+    queries = [q["question"] for q in world.questions]
+    embedder = get_embedder()
+    embedder.embed_passages([d["contents"] for d in docs[:8]])  # warm-up outside the timed build
+    rows: list[Row] = []
+    device = embedder.device
+    with tempfile.TemporaryDirectory(prefix="rexrag-bench-retrieval-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        progress(f"building a flat index over {len(docs)} documents")
+        t0 = time.perf_counter()
+        build_index(corpus, Path(tmp) / "index", embedder=embedder, chunk_size=128, progress=False)
+        build_s = time.perf_counter() - t0
+        rows.append(Row("retrieval", "index build (flat)", len(docs) / build_s, "docs/s",
+                        config=f"{len(docs)} world docs, {embedder.name}, {device}, chunk 128"))
+        retriever = LocalRetriever.from_index(Path(tmp) / "index", embedder=embedder)
+        queries_file = Path(tmp) / "queries.json"
+        queries_file.write_text(json.dumps(queries))
+
+        qps: dict[bool, float] = {}
+        stats: dict[bool, dict[str, float]] = {}
+        for batching in (True, False):
+            config = BatchingConfig(enabled=batching, max_batch_queries=256, max_wait_ms=5.0)
+            with ServerThread(create_app(retriever, batching=config)) as srv:
+                url = srv.url + "/retrieve"
+                _load_in_subprocess(url, queries_file, 4, 0.5)  # warm-up: connections, first forward of each shape
+                batcher = srv.server.config.app.state.batcher
+                b0, q0 = batcher.batches, batcher.queries
+                progress(f"server load, batching={'on' if batching else 'off'}: {sizes['clients']} clients "
+                         f"for {sizes['seconds']:.0f} s")
+                answered, elapsed = _load_in_subprocess(url, queries_file, sizes["clients"], sizes["seconds"])
+                qps[batching] = answered / elapsed
+                n_batches = batcher.batches - b0
+                stats[batching] = {"answered": answered, "seconds": round(elapsed, 2), "embedding_calls": n_batches,
+                                   "mean_queries_per_call": round((batcher.queries - q0) / max(n_batches, 1), 1)}
+        rows.append(Row("retrieval", "server queries/s, micro-batched", qps[True], "queries/s",
+                        baseline_value=qps[False], baseline="one query per embedding call",
+                        config=f"{sizes['clients']} clients x 1-query requests, {len(docs)} docs, topk 3, {device}",
+                        extra={"batched": stats[True], "unbatched": stats[False]}))
+    return rows
+
+
+if __name__ == "__main__":
+    # The load generator process: python -m bench.stages.retrieval --url U --queries F --clients C --seconds S
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--queries", type=Path, required=True)
+    parser.add_argument("--clients", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    args = parser.parse_args()
+    print(json.dumps(_load(args.url, json.loads(args.queries.read_text()), args.clients, args.seconds)))
