@@ -168,3 +168,36 @@ def test_half_precision_pool_and_weights(qwen, dtype, atol):
         assert len(out.output_token_ids) == GREEDY.max_tokens
         assert_close(torch.tensor(out.output_logprobs), hf_logprobs(qwen, out.token_ids, len(p)),
                      atol=atol, rtol=0.0, name=f"{dtype} log-probs")
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_matches_transformers():
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=0).cuda()
+    engine = LLMEngine(model, config=EngineConfig(num_blocks=16, block_size=16, dtype=torch.float32))
+    assert engine.runner.backend == "torch" and engine.runner.kv.data.is_cuda
+    prompts = prompts_of([3, 17, 40], seed=17)
+    first = engine.generate([Request(p, GREEDY) for p in prompts])
+    for p, out in zip(prompts, first):
+        assert out.output_token_ids == hf_greedy(model, p, GREEDY.max_tokens)
+    forks = [engine.fork(c, len(c.token_ids) - 3, [7, 8, 9], GREEDY) for c in first]
+    for req, out in zip(forks, engine.generate(forks)):
+        assert out.output_token_ids == hf_greedy(model, req.prompt_token_ids, GREEDY.max_tokens)
+
+
+@pytest.mark.gpu
+def test_cuda_flash_attn_backend():
+    """flash-attn runs in bf16 with 256-token pages: its log-probs match the fp32 model's within bf16 error."""
+    pytest.importorskip("flash_attn")
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=0).cuda()
+    engine = LLMEngine(model, config=EngineConfig(num_blocks=8, block_size=256, dtype=torch.bfloat16,
+                                                  attention_backend="flash_attn"))
+    assert engine.runner.backend == "flash_attn"
+    prompts = prompts_of([3, 17, 300], seed=17)
+    first = engine.generate([Request(p, GREEDY) for p in prompts])
+    forks = [engine.fork(c, len(c.token_ids) - 3, [7, 8, 9], GREEDY) for c in first]
+    engine.reset_counters()
+    outs = engine.generate(forks)
+    assert engine.counters.cached_tokens == 256  # the one full page of the 300-token prompt
+    for req, out in zip(forks + [Request(p, GREEDY) for p in prompts], outs + first):
+        expected = hf_logprobs(model, out.token_ids, len(req.prompt_token_ids))
+        assert_close(torch.tensor(out.output_logprobs), expected, atol=0.3, rtol=0.0, name="flash-attn log-probs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -32,7 +33,8 @@ def test_vllm_backend_matches_engine_greedy(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     prompts = [tokenizer.encode("The three primary colours are"), tokenizer.encode("Paris is the capital of")]
     sp = SamplingParams(temperature=0.0, max_tokens=8, stop=(), ignore_eos=True)
-    ours = LLMEngine(model.cuda(), tokenizer=tokenizer, config=EngineConfig(num_blocks=64, dtype=model.dtype))
+    gpu_model = copy.deepcopy(model).cuda()  # load_smollm2's model is shared within the process
+    ours = LLMEngine(gpu_model, tokenizer=tokenizer, config=EngineConfig(num_blocks=64, dtype=model.dtype))
     theirs = VLLMEngine(str(tmp_path), dtype="float32")
     a = ours.generate([Request(p, sp) for p in prompts])
     b = theirs.generate([Request(p, sp) for p in prompts])

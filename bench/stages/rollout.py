@@ -112,6 +112,8 @@ def _probe_rows(model, s: dict, config: str, sync, progress: Progress) -> list[R
         results[label] = dict(seconds=min(times), prefill=c.prefill_tokens, cached=c.cached_tokens, shared=shared)
     generated = n * s["probe_new"]
     a, b = results["prefix cache"], results["re-prefill"]
+    progress(f"probe prefill tokens computed: {a['prefill']} with the prefix cache ({a['cached']} reused) vs "
+             f"{b['prefill']} re-prefilling; {a['seconds']:.3f}s vs {b['seconds']:.3f}s")
     extra = {"prefill_tokens_cached_engine": a["prefill"], "prefill_tokens_reprefill": b["prefill"],
              "cached_tokens": a["cached"], "shared_prefix_tokens": a["shared"],
              "cached_s": a["seconds"], "reprefill_s": b["seconds"]}

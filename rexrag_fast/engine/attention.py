@@ -56,21 +56,27 @@ def _flash_attn_importable() -> bool:
     return True
 
 
-def choose_backend(requested: str, device: torch.device, block_size: int) -> str:
-    """'flash_attn' or 'torch' for this device and block size; each distinct choice is logged once."""
+def choose_backend(requested: str, device: torch.device, block_size: int, dtype: torch.dtype) -> str:
+    """'flash_attn' or 'torch' for this device, block size and dtype; each distinct choice is logged once.
+
+    flash-attn needs CUDA, fp16/bf16 and pages of a multiple of 256 tokens; "auto" falls back to the PyTorch
+    path when any of these is missing.
+    """
     if requested not in ("auto", "flash_attn", "torch"):
         raise ValueError(f"attention_backend: expected 'auto', 'flash_attn' or 'torch', got {requested!r}")
-    flash_ok = device.type == "cuda" and _flash_attn_importable() and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0
-    if requested == "flash_attn" and not flash_ok:
-        raise RuntimeError(
-            "attention_backend='flash_attn' needs a CUDA device, `pip install flash-attn`, and block_size a "
-            f"multiple of {FLASH_ATTN_BLOCK_MULTIPLE} (got device {device}, block_size {block_size})"
-        )
-    backend = "flash_attn" if requested == "flash_attn" or (requested == "auto" and flash_ok) else "torch"
-    why = ""
-    if backend == "torch" and device.type == "cuda" and requested == "auto":
-        why = (" (flash-attn not importable)" if not _flash_attn_importable()
-               else f" (block_size {block_size} is not a multiple of {FLASH_ATTN_BLOCK_MULTIPLE})")
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"device {device} is not CUDA")
+    if dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"dtype {dtype} is not fp16/bf16")
+    if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
+        problems.append(f"block_size {block_size} is not a multiple of {FLASH_ATTN_BLOCK_MULTIPLE}")
+    if not problems and not _flash_attn_importable():
+        problems.append("flash-attn is not importable (pip install flash-attn)")
+    if requested == "flash_attn" and problems:
+        raise RuntimeError("attention_backend='flash_attn' cannot run: " + "; ".join(problems))
+    backend = "flash_attn" if not problems and requested != "torch" else "torch"
+    why = f" ({'; '.join(problems)})" if backend == "torch" and device.type == "cuda" and requested == "auto" else ""
     message = f"rollout engine attention backend: {backend} on {device}{why}"
     if message not in _logged:
         _logged.add(message)

@@ -42,7 +42,7 @@ class ModelRunner:
         self.shape = s
         self.device, self.dtype = device, dtype
         self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device)
-        self.backend = choose_backend(attention_backend, device, block_size)
+        self.backend = choose_backend(attention_backend, device, block_size, dtype)
 
     def update_weights(self, model_or_state_dict: Any) -> None:
         """Copy new weight values in place (the KV pool is untouched)."""
