@@ -137,7 +137,8 @@ def _torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProc
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 steps of ZeRO-3 on 2 CPU processes without interruption."""
     out = tmp_path_factory.mktemp("zero3_uninterrupted")
-    _torchrun(out, "--max-steps", "4")
+    proc = _torchrun(out, "--max-steps", "4")
+    (out / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -158,6 +159,8 @@ def test_zero3_two_process_update(uninterrupted: Path) -> None:
         assert before[name].shape == after[name].shape
         assert not torch.equal(before[name], after[name]), f"{name} did not change"
     assert (uninterrupted / "curves.png").stat().st_size > 0
+    # The gathered parameter stream loads into the rollout engine's weights (names and shapes line up).
+    assert "weight sync ok" in (uninterrupted / "stdout.txt").read_text()
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rexrag_fast.engine.models import tiny_model
+from rexrag_fast.engine.weights import DecoderWeights
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.actor import ReferencePolicy, ZeroActor, frozen_copy
 from rexrag_fast.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -155,6 +156,12 @@ def main() -> int:
     weights = actor.gathered_state_dict()
     if rank == 0:
         torch.save(weights, os.path.join(args.out, f"weights_step{state.step}.pt"))
+    # Weight sync into the rollout engine's own weights, streamed one gathered ZeRO-3 parameter at a time.
+    runner_weights = DecoderWeights(actor.module.model.config, torch.device("cpu"), torch.float32)
+    runner_weights.load(actor.iter_gathered_parameters())
+    if rank == 0 and torch.equal(runner_weights.lm_head, weights["lm_head.weight"]) and \
+            torch.equal(runner_weights.embed, weights["model.embed_tokens.weight"]):
+        print("weight sync ok", flush=True)
     logger.close()
     du.destroy_process_group()
     return 0
