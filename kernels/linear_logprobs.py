@@ -48,13 +48,14 @@ def _logits_tile(
     acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     row_ok = rows < T
     col_ok = cols < V
+    # int64 offsets: V * H passes 2^31 for large heads (e.g. H=8192, V=262144).
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
     ks = tl.arange(0, BLOCK_H)
     for k0 in range(0, H, BLOCK_H):
         k_ok = (k0 + ks) < H
-        h = tl.load(h_ptr + rows[:, None] * stride_h + (k0 + ks)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + (k0 + ks)[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        h = tl.load(h_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT_IN_FP32:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -137,7 +138,7 @@ def _backward_dlogits_kernel(
         dz = -p * g_lp[:, None]
     dz += tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0)
     dz = dz / temperature
-    tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 

@@ -20,6 +20,7 @@ in the dtype of the inputs after fp32 accumulation.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rexrag_fast.ops._checks import check_tensor, resolve_backend
 
@@ -175,6 +176,7 @@ class _LinearLogprobs(torch.autograd.Function):
             )
         else:
             z_label, lse, expected_z = torch_forward(hidden, weight, bias, labels, temperature, with_entropy)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
         valid = labels != ignore_index
         logprobs = torch.where(valid, z_label - lse, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, expected_z, valid)
@@ -187,6 +189,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         hidden, weight, bias, labels, lse, expected_z, valid = ctx.saved_tensors
         grad_logprob = grads[0]
