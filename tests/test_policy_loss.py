@@ -176,8 +176,8 @@ def test_padded_layout_equals_packed(mode, backend):
     kw = batch_kwargs(padded)
     del kw["cu_seqlens"]
     loss, metrics, grad = run(fused_policy_loss, padded, backend=backend, loss_agg_mode=mode, **kw)
-    assert torch.equal(loss, packed[0])
-    assert torch.equal(grad.reshape(-1), packed[2])
+    assert_close(loss, packed[0], torch.float32, name="loss")  # the torch path sums padded rows by reshape
+    assert_close(grad.reshape(-1), packed[2], torch.float32, atol=1e-7, name="grad")
     check_matches_reference(padded, backend, loss_agg_mode=mode, **kw)
 
 

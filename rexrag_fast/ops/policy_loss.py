@@ -17,11 +17,11 @@ probe_t = -inf, so beh_t = old_t + log(1 - alpha); on probe trajectories probe_t
 
 Backends: "triton" runs kernels/policy_loss.py: a one-launch per-sequence pre-pass for the group
 advantages, one pass over the tokens forward plus a one-program finalize (loss, metrics, backward
-weights), and one pass backward. "torch" runs the same fused formulas with PyTorch tensor ops and a
-closed-form backward (the CPU path). Neither keeps [T]-sized float intermediates for backward: backward
-recomputes from the inputs. No backend reads a value back to the host except the input check
-(`check_inputs`). `policy_loss_reference` is the clarity-first composition of the
-verl-compatible functions in `core_algos`, differentiated by autograd; tests compare all three.
+weights), and one pass backward, with no host sync. "torch" runs the same fused formulas with PyTorch
+tensor ops and a closed-form backward (the CPU path). Neither keeps [T]-sized float intermediates for backward: backward
+recomputes from the inputs. The input check (`check_inputs`) reads two flags back to the host.
+`policy_loss_reference` is the clarity-first composition of the verl-compatible functions in
+`core_algos`, differentiated by autograd; tests compare all three.
 """
 
 from __future__ import annotations
@@ -107,97 +107,113 @@ def group_advantages(
 # the "torch" backend: the fused formulas with tensor ops and a closed-form backward
 
 
-def _token_terms(lp, old, probe, adv, ref, cfg: _LossConfig, want_grad: bool) -> dict[str, torch.Tensor]:
-    """Per-token terms in fp32 (mirrors kernels.policy_loss._token_terms), all [T]."""
+def _per_token(values: torch.Tensor, cu: torch.Tensor, width: int | None, T: int) -> torch.Tensor:
+    """[B] per-sequence values -> [T] per-token values (a broadcast for the padded layout)."""
+    if width is not None:
+        return values[:, None].expand(-1, width).reshape(-1)
+    return torch.repeat_interleave(values, (cu[1:] - cu[:-1]).long(), output_size=T)
+
+
+def _per_seq_sum(x: torch.Tensor, cu: torch.Tensor, width: int | None) -> torch.Tensor:
+    """[T] per-token values -> [B] per-sequence sums."""
+    if width is not None:
+        return x.view(-1, width).sum(dim=1)
+    return torch.segment_reduce(x, "sum", lengths=(cu[1:] - cu[:-1]).long())
+
+
+def _token_inputs(lp, old, cu, width, adv_seq, adv_tok, ref, probe, clip_c: float):
+    """fp32 per-token inputs (lp, old, probe, adv, bound, ref), all [T].
+
+    bound = -A * c where A < 0 and +inf elsewhere: the dual-clip ceiling, so that the dual clip is a plain
+    minimum and [lc > bound] is the pg_clipfrac_lower event.
+    """
+    if adv_tok is None:
+        adv = _per_token(adv_seq, cu, width, lp.numel())
+        bound = _per_token(torch.where(adv_seq < 0, -adv_seq * clip_c, torch.inf), cu, width, lp.numel())
+    else:
+        adv = adv_tok.float()
+        bound = torch.where(adv < 0, -adv * clip_c, torch.inf)
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    return lp.float(), old.float(), f(probe), adv, bound, f(ref)
+
+
+def _log_ratio(lp, old, probe, cfg: _LossConfig):
+    """(beh, d_raw, d, ratio); d = clamp(lp - beh, -20, 20), ratio = exp(d)."""
     beh = old if probe is None else torch.logaddexp(old + cfg.log1m_alpha, probe + cfg.log_alpha)
     d_raw = lp - beh
     d = d_raw.clamp(-core_algos.LOG_RATIO_CLAMP, core_algos.LOG_RATIO_CLAMP)
-    ratio = torch.exp(d)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(cfg.lo_bound, cfg.hi_bound)
+    return beh, d_raw, d, torch.exp(d)
+
+
+def _kl_value(x, kind: str):
+    """(KL estimate, k3 before its clamp or None) from x = lp - ref."""
+    if kind == "k3":
+        y = (-x).clamp(-core_algos.K3_LOG_RATIO_CLAMP, core_algos.K3_LOG_RATIO_CLAMP)
+        raw = torch.exp(y) - y - 1
+        return raw.clamp(-core_algos.K3_VALUE_CLAMP, core_algos.K3_VALUE_CLAMP), raw
+    return {"k1": x, "abs": x.abs(), "k2": 0.5 * x * x}[kind], None
+
+
+def _torch_forward(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, cfg: _LossConfig, per_seq: bool):
+    """Token sums [8] (kernels.policy_loss.PARTIAL_NAMES order) and per-sequence (sum l, sum k, count) [B, 3].
+
+    Mirrors kernels.policy_loss._token_terms with tensor ops. Float arithmetic (clamp, minimum, sign)
+    stands in for masks and torch.where where it can: on CPU those are several times slower.
+    """
+    lp, old, probe, adv, bound, ref = _token_inputs(lp, old, cu, width, adv_seq, adv_tok, ref, probe, cfg.clip_c)
+    beh, _, d, ratio = _log_ratio(lp, old, probe, cfg)
+    neg_adv = -adv
+    pg1 = neg_adv * ratio
+    pg2 = neg_adv * ratio.clamp(cfg.lo_bound, cfg.hi_bound)
     lc = torch.maximum(pg1, pg2)
-    pg3 = -adv * cfg.clip_c
-    neg = adv < 0
-    out = {"loss": torch.where(neg, torch.minimum(pg3, lc), lc), "clipped": pg2 > pg1,
-           "clipped_lower": (lc > pg3) & neg, "d": d, "ratio": ratio, "beh": beh}
-    if ref is not None:
-        x = lp - ref
-        if cfg.kl_kind == "k3":
-            y = (-x).clamp(-core_algos.K3_LOG_RATIO_CLAMP, core_algos.K3_LOG_RATIO_CLAMP)
-            k3_raw = torch.exp(y) - y - 1
-            out["kl"] = k3_raw.clamp(-core_algos.K3_VALUE_CLAMP, core_algos.K3_VALUE_CLAMP)
-        else:
-            out["kl"] = {"k1": x, "abs": x.abs(), "k2": 0.5 * x * x}[cfg.kl_kind]
-    if not want_grad:
-        return out
-    # d lc / d ratio with torch's tie rule (max splits the gradient in half on ties); clamps pass it on
-    # their closed interval.
-    dratio = torch.where((d_raw >= -core_algos.LOG_RATIO_CLAMP) & (d_raw <= core_algos.LOG_RATIO_CLAMP), ratio, 0.0)
-    in_clip = ((ratio >= cfg.lo_bound) & (ratio <= cfg.hi_bound)).float()
-    tie = (pg1 == pg2).float() * 0.5
-    w1 = (pg1 > pg2).float() + tie
-    w2 = (pg2 > pg1).float() + tie
-    dlc = -adv * dratio * (w1 + w2 * in_clip)
-    w_lower = (lc < pg3).float() + (lc == pg3).float() * 0.5
-    out["dloss"] = torch.where(neg, dlc * w_lower, dlc)
-    if ref is not None:
-        if cfg.kl_straight or cfg.kl_kind == "k2":
-            out["dkl"] = x
-        elif cfg.kl_kind == "k1":
-            out["dkl"] = torch.ones_like(x)
-        elif cfg.kl_kind == "abs":
-            out["dkl"] = torch.sign(x)
-        else:
-            inside = (x.abs() <= core_algos.K3_LOG_RATIO_CLAMP) & (k3_raw.abs() <= core_algos.K3_VALUE_CLAMP)
-            out["dkl"] = torch.where(inside, 1.0 - torch.exp(y), 0.0)
-    return out
-
-
-def _token_inputs(lp, old, cu, adv_seq, adv_tok, ref, probe):
-    """fp32 per-token inputs and the sequence index of every token (int64 [T], None if not needed)."""
-    seq = None
-    if adv_tok is None:
-        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=lp.device), (cu[1:] - cu[:-1]).long(),
-                                      output_size=lp.numel())
-    adv = adv_tok.float() if adv_tok is not None else adv_seq[seq]
-    f = lambda t: None if t is None else t.float()  # noqa: E731
-    return lp.float(), old.float(), f(probe), adv, f(ref), seq
-
-
-def _torch_forward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, cfg: _LossConfig, per_seq: bool):
-    lpf, oldf, probef, adv, reff, seq = _token_inputs(lp, old, cu, adv_seq, adv_tok, ref, probe)
-    t = _token_terms(lpf, oldf, probef, adv, reff, cfg, want_grad=False)
-    live = mask
-    masked = lambda x: torch.where(live, x, 0.0)  # noqa: E731  (masked-out garbage, even NaN, gives 0)
-    loss = masked(t["loss"])
-    kl = masked(t["kl"]) if "kl" in t else None
-    tokens = live.sum().float()
-    sums = [loss.sum(), kl.sum() if kl is not None else torch.zeros_like(tokens), tokens,
-            (live & t["clipped"]).sum().float(), (live & t["clipped_lower"]).sum().float(), -masked(t["d"]).sum(),
-            masked(t["ratio"]).sum(), masked(torch.exp(oldf - t["beh"])).sum() if probe is not None else tokens]
-    totals = torch.stack(sums)
+    masked = lambda x: torch.where(mask, x, 0.0)  # noqa: E731  (masked-out garbage, even NaN, gives 0)
+    loss = masked(torch.minimum(lc, bound))
+    kl = masked(_kl_value(lp - ref, cfg.kl_kind)[0]) if ref is not None else torch.zeros_like(loss)
+    live = mask.float()
+    tokens = live.sum()
+    is_weight = masked(torch.exp(old - beh)).sum() if probe is not None else tokens
+    totals = torch.stack([loss.sum(), kl.sum(), tokens, (mask & (pg2 > pg1)).sum().float(),
+                          (mask & (lc > bound)).sum().float(), -masked(d).sum(), masked(ratio).sum(), is_weight])
     seq_sums = None
     if per_seq:
-        if seq is None:
-            seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=lp.device),
-                                          (cu[1:] - cu[:-1]).long(), output_size=lp.numel())
-        columns = torch.stack([loss, kl if kl is not None else torch.zeros_like(loss), live.float()])
-        seq_sums = torch.zeros(3, cu.numel() - 1, device=lp.device).index_add_(1, seq, columns).T
+        seq_sums = torch.stack([_per_seq_sum(x, cu, width) for x in (loss, kl, live)], dim=1)
     return totals, seq_sums
 
 
-def _torch_backward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, grad_loss, weight, cfg: _LossConfig,
+def _torch_backward(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, grad_loss, weight, cfg: _LossConfig,
                     weight_per_seq: bool):
-    lpf, oldf, probef, adv, reff, seq = _token_inputs(lp, old, cu, adv_seq, adv_tok, ref, probe)
-    t = _token_terms(lpf, oldf, probef, adv, reff, cfg, want_grad=True)
-    grad = t["dloss"] + cfg.kl_coef * t["dkl"] if ref is not None else t["dloss"]
-    if weight_per_seq:
-        if seq is None:
-            seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=lp.device),
-                                          (cu[1:] - cu[:-1]).long(), output_size=lp.numel())
-        w = weight[seq]
-    else:
-        w = weight
+    """d loss / d lp [T] in lp's dtype, recomputed from the inputs, with torch.autograd's conventions:
+    clamp passes the gradient on its closed interval, max/min split it in half on ties, d|x|/dx = sign(x).
+
+        d lc / d lp = -A * ratio * [|lp - beh| <= 20] * (w1 + w2 * [lo <= ratio <= hi]),
+        w1 = (1 + s) / 2, w2 = (1 - s) / 2, s = sign(l1 - l2)
+        d l / d lp  = d lc / d lp * (1 - sign(lc - bound)) / 2        (1 where A >= 0: bound = +inf)
+    """
+    lpf, old, probe, adv, bound, ref = _token_inputs(lp, old, cu, width, adv_seq, adv_tok, ref, probe, cfg.clip_c)
+    _, d_raw, d, ratio = _log_ratio(lpf, old, probe, cfg)
+    neg_adv = -adv
+    clipped_ratio = ratio.clamp(cfg.lo_bound, cfg.hi_bound)
+    pg1 = neg_adv * ratio
+    pg2 = neg_adv * clipped_ratio
+    lc = torch.maximum(pg1, pg2)
+    s = torch.sign(pg1 - pg2)
+    in_clip = (clipped_ratio == ratio).float()
+    dlc = neg_adv * ratio * (d_raw == d).float() * ((1 + s) + (1 - s) * in_clip) * 0.5
+    grad = dlc * (1 - torch.sign(lc - bound)) * 0.5
+    if ref is not None:
+        x = lpf - ref
+        if cfg.kl_straight or cfg.kl_kind == "k2":
+            dkl = x
+        elif cfg.kl_kind == "k1":
+            dkl = torch.ones_like(x)
+        elif cfg.kl_kind == "abs":
+            dkl = torch.sign(x)
+        else:
+            k3, raw = _kl_value(x, "k3")
+            y = (-x).clamp(-core_algos.K3_LOG_RATIO_CLAMP, core_algos.K3_LOG_RATIO_CLAMP)
+            dkl = (1 - torch.exp(y)) * ((y == -x) & (k3 == raw)).float()
+        grad = grad + cfg.kl_coef * dkl
+    w = _per_token(weight, cu, width, lp.numel()) if weight_per_seq else weight
     return torch.where(mask, grad_loss * w * grad, 0.0).to(lp.dtype)
 
 
@@ -242,7 +258,7 @@ def _aggregate(totals: torch.Tensor, seq_sums: torch.Tensor | None, cu: torch.Te
 
 class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, lp, old, mask, cu, adv_seq, adv_tok, ref, probe, scale, cfg: _LossConfig, backend: str):
+    def forward(ctx, lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, scale, cfg: _LossConfig, backend: str):
         if backend == "triton":
             from rexrag_fast.kernels import policy_loss as kernels
 
@@ -253,10 +269,10 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 agg_mode=kernels.AGG_MODES[cfg.agg_mode], scale=scale)
         else:
             per_seq = cfg.agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean")
-            totals, seq_sums = _torch_forward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, cfg, per_seq)
+            totals, seq_sums = _torch_forward(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, cfg, per_seq)
             loss, weight, metrics = _aggregate(totals, seq_sums, cu, scale, cfg, ref is not None)
         ctx.save_for_backward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, weight)
-        ctx.cfg, ctx.backend = cfg, backend
+        ctx.cfg, ctx.backend, ctx.width = cfg, backend, width
         ctx.weight_per_seq = cfg.agg_mode == "seq-mean-token-mean"
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
@@ -275,9 +291,9 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 log1m_alpha=cfg.log1m_alpha, log_alpha=cfg.log_alpha, kl_coef=cfg.kl_coef,
                 kl_kind=_KL_KIND_ID[cfg.kl_kind], kl_straight=cfg.kl_straight, weight_per_seq=ctx.weight_per_seq)
         else:
-            dlp = _torch_backward(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, grad_loss, weight, cfg,
+            dlp = _torch_backward(lp, old, mask, cu, ctx.width, adv_seq, adv_tok, ref, probe, grad_loss, weight, cfg,
                                   ctx.weight_per_seq)
-        return (dlp,) + (None,) * 10
+        return (dlp,) + (None,) * 11
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,8 +346,8 @@ def _check_values(logprobs: torch.Tensor, cu: torch.Tensor, rewards: torch.Tenso
 
 def _to_packed(logprobs, old_logprobs, response_mask, cu_seqlens, advantages, ref_logprobs, probe_logprobs,
                rewards, group_ids, loss_scale_factor, check_inputs):
-    """Validate tensors; return flat [T] views, cu_seqlens int32 [B+1] and the sum-norm divisor
-    (a float, or None for the longest sequence of a packed batch)."""
+    """Validate tensors; return flat [T] views, cu_seqlens int32 [B+1], the sequence width (padded layout
+    only) and the sum-norm divisor (a float, or None for the longest sequence of a packed batch)."""
     check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES)
     dev, dtype = logprobs.device, logprobs.dtype
     if logprobs.dim() == 2:
@@ -380,7 +396,8 @@ def _to_packed(logprobs, old_logprobs, response_mask, cu_seqlens, advantages, re
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     mask = response_mask.reshape(-1)
     mask = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
-    return (flat(logprobs), flat(old_logprobs), mask, cu, flat(advantages), flat(ref_logprobs),
+    width = L or None  # equal-length sequences: per-sequence gathers and sums become reshapes
+    return (flat(logprobs), flat(old_logprobs), mask, cu, width, flat(advantages), flat(ref_logprobs),
             flat(probe_logprobs), scale)
 
 
@@ -461,7 +478,7 @@ def fused_policy_loss(
                          adv_estimator, loss_agg_mode, kl_coef)
     if alpha > 0 and probe_logprobs is None:
         raise ValueError("probe_logprobs: required when alpha > 0 (log mu per token, -inf on original tokens)")
-    lp, old, mask, cu, adv_tok, ref, probe, scale = _to_packed(
+    lp, old, mask, cu, width, adv_tok, ref, probe, scale = _to_packed(
         logprobs, old_logprobs, response_mask, cu_seqlens, advantages, ref_logprobs, probe_logprobs,
         rewards, group_ids, loss_scale_factor, check_inputs)
     backend = resolve_backend(backend, lp.device)
@@ -476,7 +493,8 @@ def fused_policy_loss(
             adv_seq = kernels.group_advantages(rewards.contiguous(), group_ids.contiguous(), estimator, epsilon)
         else:
             adv_seq = group_advantages(rewards, group_ids, adv_estimator, norm_adv_by_std, epsilon)
-    loss, metric_vec = _FusedPolicyLoss.apply(lp, old, mask, cu, adv_seq, adv_tok, ref, probe, scale, cfg, backend)
+    loss, metric_vec = _FusedPolicyLoss.apply(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, scale, cfg,
+                                              backend)
     return loss, dict(zip(METRIC_NAMES, metric_vec.unbind(0)))
 
 
