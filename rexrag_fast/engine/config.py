@@ -13,7 +13,8 @@ class EngineConfig:
 
     num_blocks: KV blocks in the pool; each holds `block_size` tokens of every layer's K and V, so the pool
         tensor is [layers, 2, num_blocks, block_size, kv_heads, head_dim].
-    max_num_batched_tokens: token budget of one forward (prefill chunks + decode tokens).
+    max_num_batched_tokens: token budget of one forward (prefill chunks, or one token per running sequence
+        in a decode step, hence >= max_num_seqs).
     max_num_seqs: most sequences running at once.
     dtype / device: of the weights and the KV pool; None -> the model's device, and the model's dtype on CPU,
         bfloat16 on CUDA.
@@ -35,6 +36,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}: expected a positive int, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"EngineConfig: max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): a decode step feeds one token per running sequence"
+            )
         if self.attention_backend not in ("auto", "flash_attn", "torch"):
             raise ValueError(
                 f"EngineConfig.attention_backend: expected 'auto', 'flash_attn' or 'torch', "

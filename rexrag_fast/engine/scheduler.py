@@ -45,7 +45,11 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
         budget = self.max_num_batched_tokens
-        while self.waiting and budget > 0 and len(self.running) + len(batch) < self.max_num_seqs:
+        while self.waiting and budget > 0:
+            # sequences of this batch that finished their prefill are in self.running already
+            partial = sum(1 for b in batch if b.status is not Status.RUNNING)
+            if len(self.running) + partial >= self.max_num_seqs:
+                break
             seq = self.waiting[0]
             if not seq.block_table:
                 if not self.blocks.admit(seq):
