@@ -34,12 +34,16 @@ from rexrag_fast.retrieval.local import LocalRetriever
 
 @dataclasses.dataclass
 class ServerLimits:
-    """Per-request limits; a request over any of them gets a 4xx answer naming the limit."""
+    """Per-request limits; a request over any of them gets a 4xx answer naming the limit.
+
+    Defaults admit a Search-R1 rollout step sending every active query at once (e.g. 512 prompts x 5 samples)
+    and model-written queries far longer than the embedder reads (it truncates to max_length tokens).
+    """
 
     max_queries: int = 4096
     max_topk: int = 100
-    max_query_chars: int = 4096
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_query_chars: int = 16384
+    max_body_bytes: int = 32 * 1024 * 1024
     default_topk: int = 3
 
     def __post_init__(self) -> None:
