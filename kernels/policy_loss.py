@@ -13,6 +13,9 @@ over the sorted sequence ids). The backward kernel recomputes everything from th
 with w_t the aggregation weight of the token (one scalar, or one per sequence). Ties in max/min split
 the gradient in half and clamps pass it on their closed interval, exactly as torch.autograd does.
 
+Around that pass: `group_advantages` (one program per sequence: GRPO / Dr. GRPO / RLOO statistics of
+its group) and a one-program finalize that reduces the partials into the loss, the metrics and the
+backward weights, so one training step launches four kernels and never reads a value back to the host.
 The launchers take already-validated contiguous tensors; rexrag_fast.ops.policy_loss checks arguments.
 """
 

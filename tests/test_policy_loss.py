@@ -283,6 +283,13 @@ def test_check_inputs_false_skips_only_value_checks(backend):
         fused_policy_loss(b.lp, b.old[:3], b.mask, backend=backend, check_inputs=False, **batch_kwargs(b))
 
 
+def test_metric_and_kl_tables_agree_between_op_and_kernels():
+    from rexrag_fast.ops import policy_loss as op
+
+    assert op.METRIC_NAMES == kernels.METRIC_NAMES
+    assert op._KL_KIND_ID == kernels.KL_KINDS
+
+
 def test_rejects_bad_arguments():
     b = make_batch(20, 2, 2, seed=13)
     kw = batch_kwargs(b)
@@ -337,9 +344,10 @@ def test_explicit_loss_scale_factor():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[0]}-g{s[1]}x{s[2]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sweep_triton(shape, dtype):
+def test_sweep(shape, dtype, backend):
     """Every aggregation x estimator x alpha on every shape and dtype; KL types and clip settings rotate
     through the combinations so that each one meets every shape."""
     b = make_batch(*shape, dtype=dtype, seed=sum(shape), masked_seqs=(0,) if shape[0] > 1 else ())
@@ -348,7 +356,7 @@ def test_sweep_triton(shape, dtype):
                              dict(clip_ratio=0.0, clip_ratio_c=10.0)])
     estimators = [("grpo", True), ("grpo", False), ("dr_grpo", True), ("rloo", True)]
     for mode, (estimator, by_std), alpha in itertools.product(core_algos.LOSS_AGG_MODES, estimators, ALPHAS):
-        check_matches_reference(b, "triton", loss_agg_mode=mode, kl_type=next(kl_types), adv_estimator=estimator,
+        check_matches_reference(b, backend, loss_agg_mode=mode, kl_type=next(kl_types), adv_estimator=estimator,
                                 norm_adv_by_std=by_std, **next(clips), **batch_kwargs(b, alpha=alpha))
 
 
