@@ -221,3 +221,12 @@ def test_fused_and_eager_paths_train_alike(uninterrupted: Path, tmp_path: Path) 
     the fused run (linear_logprobs + fused_policy_loss; ZeRO-3 reference model) step for step."""
     _torchrun(tmp_path / "eager", "--max-steps", "4", "--eager", "--ref", "cpu")
     _assert_runs_close(uninterrupted, tmp_path / "eager", 4, "fused vs eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [("--zero-stage", "0"), ("--zero-stage", "2"), ("--zero-stage", "3", "--offload")],
+                         ids=["stage0", "stage2", "stage3-offload"])
+def test_zero_stages_and_offload_train_alike(uninterrupted: Path, tmp_path: Path, variant: tuple[str, ...]) -> None:
+    """Every ZeRO stage from config, and CPU offload of optimizer and parameters, trains like stage 3."""
+    _torchrun(tmp_path / "run", "--max-steps", "4", *variant)
+    _assert_runs_close(uninterrupted, tmp_path / "run", 4, " ".join(variant))

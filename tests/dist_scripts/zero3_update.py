@@ -68,6 +68,8 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--ref", default="deepspeed", choices=["cpu", "deepspeed"])
+    ap.add_argument("--zero-stage", type=int, default=3)
+    ap.add_argument("--offload", action="store_true", help="deepspeed.offload_optimizer (and offload_param at stage 3)")
     ap.add_argument("--mini-batch-prompts", type=int, default=3, help="actor.ppo_mini_batch_size (of 6 prompts)")
     ap.add_argument("--rewards", default="rng", choices=["rng", "per-prompt"],
                     help="rng: from each rank's global RNG; per-prompt: a function of (step, prompt), the same "
@@ -85,7 +87,9 @@ def main() -> int:
         "actor.lr=2e-3", "actor.ppo_epochs=2", f"actor.ppo_mini_batch_size={args.mini_batch_prompts}",
         "actor.max_tokens_per_micro_batch=48",
         f"actor.use_fused_kernels={'false' if args.eager else 'true'}", f"actor.ref_placement={args.ref}",
-        "deepspeed.zero_stage=3", "deepspeed.precision=fp32", "deepspeed.gradient_checkpointing=true",
+        f"deepspeed.zero_stage={args.zero_stage}", "deepspeed.precision=fp32", "deepspeed.gradient_checkpointing=true",
+        f"deepspeed.offload_optimizer={str(args.offload).lower()}",
+        f"deepspeed.offload_param={str(args.offload and args.zero_stage == 3).lower()}",
         "algorithm.kl_coef=0.01",
     ])
     model = tiny_model("qwen2", vocab_size=VOCAB, seed=cfg.trainer.seed, hidden_size=32, intermediate_size=64,
