@@ -28,7 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-WORLD_FORMAT_VERSION = 1
+# Part of the cache directory name: bump it whenever the generator's output changes, so stale caches are not reused.
+WORLD_FORMAT_VERSION = 2
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "qu", "r", "s",
            "sh", "st", "t", "th", "tr", "v", "w", "z"]
