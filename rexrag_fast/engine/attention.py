@@ -46,6 +46,9 @@ class AttentionMetadata:
     query_lens_list: list[int] = dataclasses.field(default_factory=list)
     context_lens_list: list[int] = dataclasses.field(default_factory=list)
     no_cached_prefix: bool = False
+    # built by the first layer that needs them, reused by the others
+    prefill_masks: list[torch.Tensor | None] | None = None
+    decode_mask: torch.Tensor | None = None
 
 
 def _flash_attn_importable() -> bool:
@@ -98,23 +101,35 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     return cache[block_table[:n]].flatten(0, 1)[:length]
 
 
+def _prefill_masks(meta: AttentionMetadata, device: torch.device) -> list[torch.Tensor | None]:
+    """Per sequence: None (nothing cached: plain causal) or the [n, c] mask key j <= c - n + row."""
+    masks: list[torch.Tensor | None] = []
+    for n, c in zip(meta.query_lens_list, meta.context_lens_list):
+        if n == c:
+            masks.append(None)
+        else:
+            rows = torch.arange(n, device=device).unsqueeze(1) + (c - n)
+            masks.append(torch.arange(c, device=device).unsqueeze(0) <= rows)
+    return masks
+
+
 def _prefill_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    if meta.prefill_masks is None:
+        meta.prefill_masks = _prefill_masks(meta, q.device)
     out = torch.empty_like(q)
     start = 0
     for i, (n, c) in enumerate(zip(meta.query_lens_list, meta.context_lens_list)):
         qi = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if n == c:  # nothing cached: the new keys are all the keys
+        mask = meta.prefill_masks[i]
+        if mask is None:  # nothing cached: the new keys are all the keys
             ki, vi = k[start:start + n], v[start:start + n]
-            mask, causal = None, True
         else:
             ki = _gather(k_cache, meta.block_tables[i], c)
             vi = _gather(v_cache, meta.block_tables[i], c)
-            rows = torch.arange(n, device=q.device).unsqueeze(1) + (c - n)
-            mask, causal = torch.arange(c, device=q.device).unsqueeze(0) <= rows, False
         o = F.scaled_dot_product_attention(
             qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, is_causal=causal, enable_gqa=True,
+            attn_mask=mask, is_causal=mask is None, enable_gqa=True,
         )
         out[start:start + n] = o[0].transpose(0, 1)
         start += n
@@ -124,15 +139,14 @@ def _prefill_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
 def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata) -> torch.Tensor:
     bsz = q.shape[0]
-    block_size = k_cache.shape[1]
-    max_len = meta.block_tables.shape[1] * block_size
+    max_len = meta.block_tables.shape[1] * k_cache.shape[1]
+    if meta.decode_mask is None:
+        valid = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.context_lens.unsqueeze(1)
+        meta.decode_mask = valid.view(bsz, 1, 1, max_len)
     # [B, max_blocks, block, KV, D] -> [B, KV, S, D]
     keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
     values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
-    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.context_lens.unsqueeze(1)
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=mask.view(bsz, 1, 1, max_len), enable_gqa=True
-    )
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True)
     return o.squeeze(2)
 
 

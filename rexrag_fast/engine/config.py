@@ -14,8 +14,9 @@ class EngineConfig:
     num_blocks: KV blocks in the pool; each holds `block_size` tokens of every layer's K and V, so the pool
         tensor is [layers, 2, num_blocks, block_size, kv_heads, head_dim].
     max_num_batched_tokens: token budget of one forward (prefill chunks, or one token per running sequence
-        in a decode step, hence >= max_num_seqs).
-    max_num_seqs: most sequences running at once.
+        in a decode step).
+    max_num_seqs: most sequences running at once; the scheduler uses min(max_num_seqs, max_num_batched_tokens)
+        so that a decode step stays within the token budget.
     dtype / device: of the weights and the KV pool; None -> the model's device, and the model's dtype on CPU,
         bfloat16 on CUDA.
     enable_prefix_caching: reuse KV of cached prefixes on admission and keep finished sequences' blocks.
@@ -36,11 +37,6 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}: expected a positive int, got {value!r}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"EngineConfig: max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({self.max_num_seqs}): a decode step feeds one token per running sequence"
-            )
         if self.attention_backend not in ("auto", "flash_attn", "torch"):
             raise ValueError(
                 f"EngineConfig.attention_backend: expected 'auto', 'flash_attn' or 'torch', "
