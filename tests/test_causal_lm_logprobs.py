@@ -106,3 +106,20 @@ def test_bad_arguments_are_named():
         causal_lm_logprobs(model, ids, position_ids=torch.arange(5))
     with pytest.raises(TypeError, match="model"):
         causal_lm_logprobs(torch.nn.Linear(4, 4), ids, position_ids=torch.arange(6))
+
+
+@pytest.mark.slow
+def test_smollm2_packed_equals_each_sequence_alone(seed):
+    """The real embedded model (Llama architecture, tied embeddings, sdpa), dequantised from its GGUF file."""
+    from transformers import AutoModelForCausalLM
+
+    from rexrag_fast.engine.models import SMOLLM2_GGUF, smollm2_dir
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF,
+                                                 dtype=torch.float32).eval()
+    seqs, ids, cu = _packed([12, 1, 20, 7], model.config.vocab_size, seed=4)
+    with torch.no_grad():
+        lp, ent = causal_lm_logprobs(model, ids, cu_seqlens=cu, return_entropy=True)
+        ref_lp, ref_ent = _separate_reference(model, seqs, 1.0)
+    assert_close(lp, ref_lp, torch.float32, atol=1e-4, rtol=1e-4, name="logprobs")
+    assert_close(ent, ref_ent, torch.float32, atol=1e-4, rtol=1e-4, name="entropy")

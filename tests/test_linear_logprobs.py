@@ -154,6 +154,17 @@ def test_gradient_through_entropy_alone(seed, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entropy_returned_but_unused_gives_logprob_gradient(seed, backend):
+    h, w, _, y = _inputs(37, 16, 123, torch.float32, with_bias=False, n_ignored=3)
+    h.requires_grad_()
+    lp, _ = linear_logprobs(h, w, y, return_entropy=True, backend=backend)
+    (ours,) = torch.autograd.grad(lp.sum(), (h,))
+    h64 = h.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(linear_logprobs_reference(h64, w.double(), y).sum(), (h64,))
+    assert_close(ours, ref, torch.float32, name="d_hidden")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_extreme_logits_stay_finite(seed, backend, temperature):
     """Hidden scaled by 1e3: logits of magnitude ~1e3-1e4, where a naive exp() overflows."""
