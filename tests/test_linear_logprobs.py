@@ -90,10 +90,15 @@ def test_torch_backend_matches_reference(seed, monkeypatch, dtype, n_tokens, n_h
     _compare("torch", h, w, b, y, temperature, entropy, dtype)
 
 
+def test_torch_backend_float16(seed):
+    h, w, b, y = _inputs(37, 24, 123, torch.float16, with_bias=True, n_ignored=5)
+    _compare("torch", h, w, b, y, 0.8, True, torch.float16)
+
+
 TRITON_CASES = [(1, 16, 123, 1.0, False, True), (37, 40, 123, 0.7, True, True), (37, 24, 123, 1.0, True, False)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("n_tokens", "n_hidden", "n_vocab", "temperature", "with_bias", "entropy"), TRITON_CASES)
 def test_triton_backend_matches_reference(seed, dtype, n_tokens, n_hidden, n_vocab, temperature, with_bias,
                                           entropy):
