@@ -226,6 +226,7 @@ def test_for_world_recall_on_the_full_default_world(tmp_path, monkeypatch):
     results = retriever.retrieve([q["question"] for q in questions], topk=3)
     hits = [q["supporting_docs"][0] in [r["document"]["id"] for r in res] for q, res in zip(questions, results)]
     recall = sum(hits) / len(hits)
-    assert recall >= 0.9, f"recall@3 {recall:.3f} over {len(hits)} 1-hop test questions of the default world"
+    # measured 1.000 (146 questions) when written
+    assert recall >= 0.95, f"recall@3 {recall:.3f} over {len(hits)} 1-hop test questions of the default world"
     # a second call reuses the cached index
     assert LocalRetriever.for_world().index.manifest == retriever.index.manifest
