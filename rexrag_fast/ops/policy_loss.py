@@ -218,7 +218,7 @@ def _torch_backward(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, grad
 
 
 # --------------------------------------------------------------------------------------------------
-# the shared O(B) epilogue and the autograd op
+# the torch epilogue (O(B)) and the autograd op
 
 
 def _aggregate(totals: torch.Tensor, seq_sums: torch.Tensor | None, cu: torch.Tensor, scale: float | None,
