@@ -1,5 +1,6 @@
 #include "prefix_cache.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <string>
@@ -166,19 +167,46 @@ int32_t PrefixCache::resolve(int64_t handle, const char* what) const {
   return static_cast<int32_t>(idx);
 }
 
+void PrefixCache::lru_push(int32_t node) {
+  Node& n = nodes_[node];
+  lru_heap_.push_back({n.tick, node, ++n.lru_seq});
+  std::push_heap(lru_heap_.begin(), lru_heap_.end());
+}
+
+bool PrefixCache::lru_entry_valid(const LruEntry& e) const {
+  const Node& n = nodes_[e.node];
+  return n.live && n.in_lru && n.lru_seq == e.seq;
+}
+
 void PrefixCache::lru_remove(int32_t node) {
   Node& n = nodes_[node];
   if (n.in_lru) {
-    lru_.erase({n.tick, node});
-    n.in_lru = false;
+    n.in_lru = false;  // its heap entry is now stale
+    --lru_live_;
   }
 }
 
 void PrefixCache::lru_add_if_evictable(int32_t node) {
   Node& n = nodes_[node];
   if (!n.in_lru && evictable_leaf(n)) {
-    lru_.emplace(n.tick, node);
     n.in_lru = true;
+    ++lru_live_;
+    lru_push(node);
+  }
+}
+
+void PrefixCache::lru_settle() {
+  if (lru_heap_.size() > 2 * lru_live_ + 1024) {
+    lru_heap_.clear();
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      Node& n = nodes_[i];
+      if (n.live && n.in_lru) lru_heap_.push_back({n.tick, static_cast<int32_t>(i), ++n.lru_seq});
+    }
+    std::make_heap(lru_heap_.begin(), lru_heap_.end());
+  }
+  while (!lru_heap_.empty() && !lru_entry_valid(lru_heap_.front())) {
+    std::pop_heap(lru_heap_.begin(), lru_heap_.end());
+    lru_heap_.pop_back();
   }
 }
 
@@ -186,22 +214,27 @@ void PrefixCache::touch_path(int32_t node) {
   const uint64_t now = ++clock_;
   for (int32_t x = node; x >= 0; x = nodes_[x].parent) {
     Node& n = nodes_[x];
-    if (n.in_lru) {
-      lru_.erase({n.tick, x});
-      n.tick = now;
-      lru_.emplace(now, x);
-    } else {
-      n.tick = now;
-    }
+    n.tick = now;
+    if (n.in_lru) lru_push(x);  // re-stamped: the old entry goes stale
   }
+  lru_settle();
 }
 
 // ---------------------------------------------------------------- match / insert
 
+size_t PrefixCache::matching_blocks(const int32_t* a, const int32_t* b, size_t max_blocks) const {
+  // One memcmp over the whole run is the common case (an edge matched to its end); only a mismatch pays
+  // for the block-by-block scan that locates it.
+  const size_t bytes = static_cast<size_t>(block_size_) * sizeof(int32_t);
+  if (max_blocks == 0 || std::memcmp(a, b, max_blocks * bytes) == 0) return max_blocks;
+  size_t j = 0;
+  while (std::memcmp(a + j * block_size_, b + j * block_size_, bytes) == 0) ++j;
+  return j;
+}
+
 std::pair<int32_t, size_t> PrefixCache::walk(int32_t root, const int32_t* tokens, size_t nb,
                                              std::pair<int32_t, size_t>* partial) const {
   const size_t bs = static_cast<size_t>(block_size_);
-  const size_t bytes = bs * sizeof(int32_t);
   int32_t cur = root;
   size_t pos = 0;
   *partial = {-1, 0};
@@ -211,10 +244,8 @@ std::pair<int32_t, size_t> PrefixCache::walk(int32_t root, const int32_t* tokens
     if (c < 0) break;
     const Node& child = nodes_[c];
     const size_t k = child.blocks.size();
-    size_t j = 1;
-    while (j < k && pos + j < nb && std::memcmp(child.tokens.data() + j * bs, tokens + (pos + j) * bs, bytes) == 0) {
-      ++j;
-    }
+    const size_t j = 1 + matching_blocks(child.tokens.data() + bs, tokens + (pos + 1) * bs,
+                                         std::min(k, nb - pos) - 1);
     if (j < k) {
       *partial = {c, j};
       pos += j;
@@ -376,8 +407,9 @@ int64_t PrefixCache::evict(int64_t num_blocks) {
 int64_t PrefixCache::evict_locked(int64_t num_blocks) {
   const size_t bs = static_cast<size_t>(block_size_);
   int64_t freed = 0;
-  while (freed < num_blocks && !lru_.empty()) {
-    const int32_t leaf = lru_.begin()->second;
+  lru_settle();
+  while (freed < num_blocks && !lru_heap_.empty()) {
+    const int32_t leaf = lru_heap_.front().node;
     Node& L = nodes_[leaf];
     const auto k = static_cast<int64_t>(L.blocks.size());
     const int64_t take = std::min(k, num_blocks - freed);
@@ -395,6 +427,7 @@ int64_t PrefixCache::evict_locked(int64_t num_blocks) {
     unlink_child(leaf);
     free_node(leaf);
     lru_add_if_evictable(parent);
+    lru_settle();
   }
   return freed;
 }
@@ -409,7 +442,8 @@ void PrefixCache::reset() {
   for (const auto& [ns, r] : roots_) free_node(r);
   roots_.clear();
   children_.clear();
-  lru_.clear();
+  lru_heap_.clear();
+  lru_live_ = 0;
   hits_ = 0;
   misses_ = 0;
 }
@@ -492,10 +526,7 @@ void PrefixCache::check_invariants_locked() const {
     const auto k = static_cast<int64_t>(n.blocks.size());
     tree_blocks += k;
     (n.lock > 0 ? locked : evictable) += k;
-    if (n.in_lru) {
-      ++lru_members;
-      if (lru_.count({n.tick, id}) != 1) fail(id, "marked in the LRU set but missing (or stale tick)");
-    }
+    if (n.in_lru) ++lru_members;
   }
   for (size_t i = 0; i < nodes_.size(); ++i) {
     const Node& n = nodes_[i];
@@ -511,10 +542,25 @@ void PrefixCache::check_invariants_locked() const {
       fail(id, n.in_lru ? "in the LRU set but not an unlocked leaf" : "an unlocked leaf missing from the LRU set");
     }
   }
-  if (lru_members != lru_.size()) {
-    throw CacheError("invariant: LRU set has " + str(static_cast<int64_t>(lru_.size())) + " entries but " +
-                     str(static_cast<int64_t>(lru_members)) + " nodes are marked in it");
+  std::vector<int32_t> valid_entries(nodes_.size(), 0);
+  for (const LruEntry& e : lru_heap_) {
+    if (e.node < 0 || static_cast<size_t>(e.node) >= nodes_.size()) {
+      throw CacheError("invariant: LRU heap entry names node " + str(e.node) + " outside the node table");
+    }
+    if (!lru_entry_valid(e)) continue;
+    if (++valid_entries[e.node] > 1) fail(e.node, "has two valid LRU heap entries");
+    if (e.tick != nodes_[e.node].tick) fail(e.node, "LRU heap entry carries a stale tick");
   }
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (nodes_[i].live && nodes_[i].in_lru && valid_entries[i] != 1) {
+      fail(static_cast<int32_t>(i), "marked evictable but has no valid LRU heap entry");
+    }
+  }
+  if (lru_members != lru_live_) {
+    throw CacheError("invariant: " + str(static_cast<int64_t>(lru_members)) + " nodes are marked evictable " +
+                     "leaves but the LRU counter says " + str(static_cast<int64_t>(lru_live_)));
+  }
+  if (!std::is_heap(lru_heap_.begin(), lru_heap_.end())) throw CacheError("invariant: LRU heap order broken");
   size_t chained = 0;
   for (const auto& [key, head] : children_) {
     for (int32_t c = head; c >= 0; c = nodes_[c].chain_next) {

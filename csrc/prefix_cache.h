@@ -29,7 +29,6 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -37,6 +36,14 @@
 #include "block_allocator.h"
 
 namespace rexrag {
+
+struct LruEntry {
+  uint64_t tick;
+  int32_t node;
+  uint32_t seq;
+  // std heap functions build a max-heap; "less" here means later, so the top is the least recently used.
+  bool operator<(const LruEntry& o) const { return tick != o.tick ? tick > o.tick : node > o.node; }
+};
 
 class PrefixCache {
  public:
@@ -78,7 +85,8 @@ class PrefixCache {
     int32_t chain_next = -1;  // next node whose child-map key equals this one's (hash chain)
     bool live = false;
     bool is_root = false;
-    bool in_lru = false;
+    bool in_lru = false;      // an evictable leaf, with exactly one valid entry in lru_heap_
+    uint32_t lru_seq = 0;     // sequence number of that entry; never reset, so older entries go stale
     int64_t ns = 0;
     uint64_t first_hash = 0;  // (truncated) hash of the first block's tokens
     uint64_t tick = 0;        // logical time of last use
@@ -96,6 +104,8 @@ class PrefixCache {
   int32_t root_for(int64_t ns);
   int32_t resolve(int64_t handle, const char* what) const;
   int64_t handle_of(int32_t node) const;
+  // Number of leading whole blocks (at most max_blocks) equal in token runs a and b.
+  size_t matching_blocks(const int32_t* a, const int32_t* b, size_t max_blocks) const;
   // Walks the full-block prefix of tokens; returns {deepest fully matched node, blocks matched} and, if the
   // walk stopped inside a child's edge, that child and the number of its blocks matched in *partial.
   std::pair<int32_t, size_t> walk(int32_t root, const int32_t* tokens, size_t nb,
@@ -105,6 +115,10 @@ class PrefixCache {
   void touch_path(int32_t node);
   void lru_remove(int32_t node);
   void lru_add_if_evictable(int32_t node);
+  void lru_push(int32_t node);
+  bool lru_entry_valid(const LruEntry& e) const;
+  // Drops stale entries from the top of lru_heap_; rebuilds the heap when stale entries dominate it.
+  void lru_settle();
   bool evictable_leaf(const Node& n) const { return !n.is_root && n.lock == 0 && n.num_children == 0; }
   int64_t evict_locked(int64_t num_blocks);
   void check_invariants_locked() const;
@@ -118,7 +132,10 @@ class PrefixCache {
   std::vector<int32_t> free_nodes_;
   std::unordered_map<uint64_t, int32_t> children_;  // child_key -> head of the chain of nodes with that key
   std::unordered_map<int64_t, int32_t> roots_;      // namespace -> root node
-  std::set<std::pair<uint64_t, int32_t>> lru_;      // (tick, node) of every evictable leaf
+  // Evictable leaves as a lazy min-heap on (tick, node): removing a leaf or re-stamping its tick only
+  // invalidates its entry (by lru_seq), so lock/unlock/touch never search the heap or allocate.
+  std::vector<LruEntry> lru_heap_;
+  size_t lru_live_ = 0;  // nodes with in_lru
   uint64_t clock_ = 0;
   int64_t evictable_blocks_ = 0;
   int64_t locked_blocks_ = 0;
