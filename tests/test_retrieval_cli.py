@@ -40,8 +40,10 @@ def test_index_command_writes_a_complete_index(index_dir, corpus, capsys):
     # same command again: the complete index is kept as it is
     before = (index_dir / "index.faiss").stat().st_mtime_ns
     assert main(["index", "--corpus", str(corpus), "--out", str(index_dir), "--chunk-size", "4"]) == 0
+    assert main(["index", "--corpus", str(corpus), "--out", str(index_dir), "--chunk-size", "7"]) == 0
     assert (index_dir / "index.faiss").stat().st_mtime_ns == before
-    assert json.loads(capsys.readouterr().out)["corpus_sha256"] == manifest["corpus_sha256"]
+    printed = capsys.readouterr().out.split("\n}\n")
+    assert json.loads(printed[-2] + "}")["corpus_sha256"] == manifest["corpus_sha256"]
 
 
 def test_index_command_reports_bad_input(tmp_path, capsys):

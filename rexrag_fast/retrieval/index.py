@@ -80,9 +80,9 @@ def build_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     """Embed every row of `corpus_path` and save a faiss index with its manifest into `out_dir`.
 
     Rows are embedded `chunk_size` at a time; each finished chunk [n, D] float32 is saved before the next starts,
-    and `on_chunk_done(k, n_chunks)` runs after chunk k is saved. Re-running after a crash resumes from the saved
-    chunks. If `out_dir` already holds a complete index of the same corpus, embedder and config, it is returned
-    unchanged. Returns the manifest dict.
+    and `on_chunk_done(k, n_chunks)` runs after chunk k is saved. Re-running after a crash (same chunk_size) resumes
+    from the saved chunks. If `out_dir` already holds a complete index of the same corpus, embedder and config (any
+    chunk_size), nothing is rebuilt. Returns the manifest dict.
     """
     import faiss
 
@@ -105,7 +105,8 @@ def build_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     manifest_path = out / MANIFEST_FILE
     if manifest_path.is_file() and not overwrite:
         existing = json.loads(manifest_path.read_text())
-        if all(existing.get(k) == v for k, v in wanted.items()):
+        # The chunk size only shapes the build, not what the finished index means.
+        if all(existing.get(k) == v for k, v in wanted.items() if k != "chunk_size"):
             return existing
         raise IndexMismatchError(f"{out} already holds a different index ({_describe(existing)}); "
                                  "pass overwrite=True (--overwrite) or choose another output directory")
