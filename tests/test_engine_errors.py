@@ -121,3 +121,24 @@ def test_linear_rope_scaling_matches_transformers():
     engine = LLMEngine(m, config=EngineConfig(num_blocks=16, block_size=4))
     p = list(range(3, 40))
     assert engine.generate([Request(p, OK)])[0].output_token_ids == hf_greedy(m, p, 4)
+
+
+def test_error_mid_run_leaves_the_engine_usable(model):
+    """A tokenizer that fails while stop strings are checked: the error propagates, no block stays taken."""
+
+    class FailingTokenizer:
+        eos_token_id = None
+        calls = 0
+
+        def decode(self, ids, skip_special_tokens=False):
+            FailingTokenizer.calls += 1
+            if FailingTokenizer.calls > 5:
+                raise RuntimeError("tokenizer broke")
+            return " ".join(map(str, ids))
+
+    engine = LLMEngine(model, tokenizer=FailingTokenizer(), config=EngineConfig(num_blocks=16, block_size=4))
+    sp = SamplingParams(temperature=0.0, max_tokens=20, stop=("never",))
+    with pytest.raises(RuntimeError, match="tokenizer broke"):
+        engine.generate([Request([1, 2, 3], sp), Request([4, 5, 6, 7, 8], sp)])
+    engine.tokenizer = None
+    assert_still_works(engine)

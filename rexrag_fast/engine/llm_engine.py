@@ -84,13 +84,19 @@ class LLMEngine:
             bar = tqdm(total=len(seqs), desc="generate", unit="seq")
         stoppers = {seq.seq_id: StopChecker(seq.sampling, self.tokenizer, seq.prompt_len) for seq in seqs}
         done: dict[int, Completion] = {}
-        while self.scheduler.has_work():
-            for seq in self._step(stoppers):
-                done[seq.seq_id] = seq.to_completion(self._decode(seq.token_ids[seq.prompt_len:]))
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while self.scheduler.has_work():
+                for seq in self._step(stoppers):
+                    done[seq.seq_id] = seq.to_completion(self._decode(seq.token_ids[seq.prompt_len:]))
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            # an error or an interrupt mid-run: hand every block back so the engine stays usable
+            self.scheduler.abort_all()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [done[seq.seq_id] for seq in seqs]
 
     def extend(self, completion: Completion, new_token_ids: list[int],

@@ -97,3 +97,12 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = Status.FINISHED
 
+
+    def abort_all(self) -> None:
+        """Drop every waiting and running sequence, returning their blocks (computed ones to the cache)."""
+        for seq in list(self.running) + list(self.waiting):
+            if seq.block_table:
+                self.blocks.release(seq)
+            seq.status = Status.FINISHED
+        self.running.clear()
+        self.waiting.clear()
