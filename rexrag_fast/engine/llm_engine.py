@@ -242,8 +242,10 @@ class LLMEngine:
         c.sample_seconds += time.perf_counter() - t2
         return finished
 
-    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
-        """Flat inputs of one forward and the sequences that sample at its end."""
+    def _prepare(self, seqs: list[Sequence], is_prefill: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[Sequence]]:
+        """Flat inputs of one forward: input_ids [T], positions [T], attention metadata, the rows of the batch
+        that sample [S] (each sequence's last token once its prompt is fully computed), those S sequences."""
         kv = self.runner.kv
         ids: list[int] = []
         pos: list[int] = []

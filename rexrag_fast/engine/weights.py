@@ -9,7 +9,6 @@ refused because they change with the sequence length.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -193,10 +192,3 @@ def state_dict_of(weights: Any) -> Mapping[str, torch.Tensor] | Iterable[tuple[s
     raise TypeError(f"expected a transformers model, a state dict or (name, tensor) pairs, "
                     f"got {type(weights).__name__}")
 
-
-def num_parameters(weights: DecoderWeights) -> int:
-    """Distinct weight elements held by the runner (tied embeddings counted once)."""
-    tensors = [weights.embed, weights.final_norm] + ([] if weights.shape.tie_word_embeddings else [weights.lm_head])
-    for layer in weights.layers:
-        tensors += [t for t in layer.values() if t is not None]
-    return sum(math.prod(t.shape) for t in tensors)
