@@ -124,8 +124,10 @@ def _torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProc
     })
     env.pop("TRITON_INTERPRET", None)  # CPU tensors take the PyTorch backend; the interpreter is not needed
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-           str(SCRIPT), "--out", str(out), *args]
+    # One process runs without a launcher: init_distributed then makes a world of one by itself.
+    launch = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                    f"--master_port={_free_port()}"]
+    cmd = [sys.executable, *launch, str(SCRIPT), "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"

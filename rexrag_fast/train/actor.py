@@ -318,8 +318,13 @@ class ZeroActor:
                                 mb.per_token else torch.ones_like(ent)
                             ent_mean = float((ent.detach() * m).sum() / m.sum().clamp_min(1))
                             sums["actor/entropy"] = sums.get("actor/entropy", 0.0) + ent_mean * w
+                # Stage 0 leaves whole, already all-reduced gradients on the parameters and reports no norm
+                # of its own; the ZeRO optimizers (stages 1-3) compute it over their partitions.
+                own_norm = self._unsharded_grad_norm() if self.cfg.deepspeed.zero_stage == 0 else None
                 self.engine.step()
                 gn = self.engine.get_global_grad_norm()
+                if gn is None:
+                    gn = own_norm
                 if gn is not None:
                     grad_norms.append(_to_float(gn))
         # Metrics are weighted means over every rank's micro-batches (the same weights as the loss), so every
@@ -336,6 +341,11 @@ class ZeroActor:
         out["actor/update_tokens"] = tokens_all
         out["throughput/update_tokens_per_s"] = tokens / elapsed if elapsed > 0 else math.nan  # this rank
         return out
+
+    def _unsharded_grad_norm(self) -> float:
+        """||g||_2 over all parameters' full gradients (pre-clipping), for stage 0."""
+        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in self.module.parameters() if p.grad is not None)
+        return math.sqrt(sq)
 
     # --------------------------------------------------------------------------------- weight sync
 

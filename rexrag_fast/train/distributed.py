@@ -1,9 +1,18 @@
 """Rank/world helpers that also work in a single process without torch.distributed, batch sharding across
 ranks, and process-group set-up/tear-down (gloo on CPU, nccl on GPU, through DeepSpeed).
 
-Launch with `torchrun --nproc_per_node=N script.py` or `deepspeed --num_gpus N script.py` (multi-node:
-`deepspeed --hostfile hostfile ...` or torchrun's --nnodes/--rdzv-endpoint). The launchers set RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which `init_distributed` reads.
+Launch with `torchrun --nproc_per_node=N script.py` or `deepspeed --num_gpus N script.py`. The launchers set
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which `init_distributed` reads; a plain
+`python script.py` runs as a world of one. Multi-node, with passwordless ssh and the same paths on every
+node (the output directory on a shared file system, since checkpoints are written by every rank):
+
+    # hostfile: one line per node, "<host> slots=<GPUs>"
+    node-a slots=8
+    node-b slots=8
+
+    deepspeed --hostfile hostfile --master_addr node-a script.py ...
+    # or, on each node i of 2:
+    torchrun --nnodes 2 --node_rank i --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint node-a:29500 script.py
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -81,6 +91,10 @@ def init_distributed(backend: str | None = None) -> None:
     """
     if is_initialized():
         return
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # not under a launcher: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -93,6 +107,12 @@ def init_distributed(backend: str | None = None) -> None:
         torch.cuda.set_device(get_local_rank())
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"))
     atexit.register(destroy_process_group)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def destroy_process_group() -> None:
