@@ -152,7 +152,8 @@ def test_zero3_two_process_update(uninterrupted: Path) -> None:
                     "actor/ppo_kl", "actor/is_weight_mean", "actor/pg_loss", "actor/kl_loss", "reward/mean"):
             assert isinstance(r[key], float) and torch.isfinite(torch.tensor(r[key])), (key, r)
         assert r["actor/optimizer_steps"] == 4.0  # ppo_epochs 2 x 2 mini-batches
-        assert r["actor/update_tokens"] > 0
+        assert r["actor/update_tokens"] == 2 * 171  # ppo_epochs x the 171 tokens of all 12 sequences (both ranks)
+        assert r["throughput/update_tokens_per_s"] > 0 and r["memory/peak_bytes"] > 1 << 20
     assert rows[-1]["actor/kl"] > 0  # the policy moved away from the reference
     before = torch.load(uninterrupted / "weights_step0.pt")
     after = torch.load(uninterrupted / "weights_step4.pt")

@@ -44,6 +44,7 @@ from torch import nn
 
 from rexrag_fast.train import distributed as dist_utils
 from rexrag_fast.train.config import Config
+from rexrag_fast.train.metrics import peak_memory_bytes
 from rexrag_fast.train.packing import PackedBatch
 
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", PackedBatch], "tuple[torch.Tensor, Mapping[str, Any]]"]
@@ -277,7 +278,7 @@ class ZeroActor:
         Returns metrics, the same on every rank: actor/loss, actor/<each loss metric>, actor/entropy (when
         computed), all averaged over micro-batches of all ranks and epochs with the loss weights; actor/grad_norm
         (mean over optimizer steps), actor/lr, actor/update_tokens (all ranks, all epochs), and this rank's
-        throughput/update_tokens_per_s.
+        throughput/update_tokens_per_s and memory/peak_bytes (CUDA max allocated, or peak RSS on the CPU).
         """
         loss_fn = loss_fn or self.loss_fn
         n_mini = len(mini_batches)
@@ -340,6 +341,7 @@ class ZeroActor:
         elapsed = time.perf_counter() - t0
         out["actor/update_tokens"] = tokens_all
         out["throughput/update_tokens_per_s"] = tokens / elapsed if elapsed > 0 else math.nan  # this rank
+        out["memory/peak_bytes"] = float(peak_memory_bytes(self.device))  # this rank
         return out
 
     def _unsharded_grad_norm(self) -> float:

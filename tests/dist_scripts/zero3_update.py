@@ -149,7 +149,7 @@ def main() -> int:
             state.step += 1
             state.data_position += PROMPTS
             m["reward/mean"] = float(rewards.mean())
-            logger.log(state.step, du.all_reduce_mean({k: v for k, v in m.items() if not k.startswith("throughput")}))
+            logger.log(state.step, du.all_reduce_mean(m))
             stopping = stop.requested_on_any_rank()
             if stopping or (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0):
                 save_checkpoint(ckpt_root, state, actor.engine, keep_last=cfg.trainer.keep_last)
