@@ -395,6 +395,7 @@ void PrefixCache::unlock(int64_t handle) {
       lru_add_if_evictable(x);
     }
   }
+  lru_settle();  // bounds the stale entries that repeated lock/unlock cycles leave in the heap
 }
 
 int64_t PrefixCache::evict(int64_t num_blocks) {

@@ -393,3 +393,20 @@ def test_odd_block_sizes(block_size: int) -> None:
     alloc, cache, blocks = cache_and_insert(block_size, tokens)
     assert cache.match_prefix(tokens[: 3 * block_size + 2]).block_ids.tolist() == blocks[:3].tolist()
     cache.check_invariants()
+
+
+def test_many_lock_unlock_cycles_keep_lru_order() -> None:
+    """Each unlock re-queues the leaf; thousands of cycles exercise the LRU heap's compaction."""
+    alloc = BlockAllocator(16)
+    cache = PrefixCache(2, alloc)
+    old, new = seq((0, 4)), seq((100, 4))
+    cache.insert(old, alloc.allocate(2))
+    cache.insert(new, alloc.allocate(2))
+    h = cache.match_prefix(old).handle  # old becomes the most recently used
+    for _ in range(3000):
+        cache.lock(h)
+        cache.unlock(h)
+    cache.check_invariants()
+    assert cache.evict(2) == 2
+    assert cache.match_prefix(new).num_matched_tokens == 0 and cache.match_prefix(old).num_matched_tokens == 4
+    cache.check_invariants()
