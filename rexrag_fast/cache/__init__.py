@@ -18,7 +18,8 @@ Semantics (the behaviour of SGLang's RadixCache, storing only full blocks like v
 - match_prefix returns the blocks of the longest cached prefix made of whole blocks: with n matched blocks,
   num_matched_tokens = n * block_size. The caller gets no reference on them; it locks `handle` while a
   sequence uses them (locked nodes and their ancestors are never evicted) and unlocks it when done. Lock
-  right after matching: an unlocked match may be evicted by the next evict().
+  right after matching: an unlocked match may be evicted by the next evict(). MatchResult is a struct
+  sequence: `ids, n_tokens, handle = m` unpacks it. unlock(h) undoes one lock(h) of that same handle.
 - insert(tokens, block_ids): block_ids [len(tokens) // block_size] cover the full blocks (a trailing partial
   block is ignored), all distinct and allocated. Returns n_cached, the tokens already in the tree. For the
   first n_cached // block_size positions the tree keeps its own blocks and the caller frees its own ids
@@ -29,6 +30,9 @@ Semantics (the behaviour of SGLang's RadixCache, storing only full blocks like v
   holds it either. "Recently used" is a logical clock advanced by each match_prefix/insert.
 - hits / misses count match_prefix calls that matched at least one block / none.
 - Namespaces (an int, e.g. a weights version) are separate trees: nothing matches across them.
+- Children are found by a 64-bit hash of their first block and then compared token by token, so a hash
+  collision never produces a wrong match; PrefixCache(..., hash_bits=k) truncates the hash (tests use it to
+  force collisions).
 - Every misuse (unknown or stale handle, unlock without lock, bad or free block ids, double free, freeing a
   block only the cache holds, wrong block count, negative counts, reset while locked) raises CacheError,
   a subclass of both ValueError and RuntimeError, and leaves the state unchanged.
