@@ -17,14 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
 from bench.harness import Progress, Row, stage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 PRESET_SIZES = {
-    # docs indexed, concurrent clients, seconds of load per mode
-    "tiny": {"docs": 96, "clients": 64, "seconds": 4.0},
-    "qwen2.5-3b": {"docs": None, "clients": 128, "seconds": 20.0},  # None: the whole default world
+    # docs indexed (None: the whole default world), concurrent clients, seconds of load per mode,
+    # queries of the in-process comparison
+    "tiny": {"docs": 96, "clients": 64, "seconds": 3.0, "in_process_batch": 32},
+    "qwen2.5-3b": {"docs": None, "clients": 128, "seconds": 20.0, "in_process_batch": 512},
 }
 
 
@@ -65,6 +69,18 @@ def _load_in_subprocess(url: str, queries_file: Path, clients: int, seconds: flo
     return int(answered), float(elapsed)
 
 
+def _noop_app() -> FastAPI:
+    app = FastAPI()
+    answer = {"result": [[{"document": {"id": "0", "contents": '"T"\n' + "x" * 150}, "score": 1.0}] * 3]}
+
+    @app.post("/retrieve")
+    async def retrieve(request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse(answer)
+
+    return app
+
+
 @stage("retrieval")
 def retrieval(preset: str, progress: Progress) -> list[Row]:
     from rexrag_fast.data.world import World, default_world_dir
@@ -91,6 +107,20 @@ def retrieval(preset: str, progress: Progress) -> list[Row]:
         rows.append(Row("retrieval", "index build (flat)", len(docs) / build_s, "docs/s",
                         config=f"{len(docs)} world docs, {embedder.name}, {device}, chunk 128"))
         retriever = LocalRetriever.from_index(Path(tmp) / "index", embedder=embedder)
+        # The embedding call alone, without HTTP: one call for a batch against one call per query.
+        batch = queries[: sizes["in_process_batch"]]
+        retriever.retrieve(batch[:2], topk=3)
+        t0 = time.perf_counter()
+        retriever.retrieve(batch, topk=3)
+        batched_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for q in batch:
+            retriever.retrieve([q], topk=3)
+        single_s = time.perf_counter() - t0
+        rows.append(Row("retrieval", "LocalRetriever queries/s, one call", len(batch) / batched_s, "queries/s",
+                        baseline_value=len(batch) / single_s, baseline="one call per query",
+                        config=f"{len(batch)} queries, {len(docs)} docs, topk 3, {device}, in-process"))
+
         queries_file = Path(tmp) / "queries.json"
         queries_file.write_text(json.dumps(queries))
 
@@ -110,6 +140,13 @@ def retrieval(preset: str, progress: Progress) -> list[Row]:
                 n_batches = batcher.batches - b0
                 stats[batching] = {"answered": answered, "seconds": round(elapsed, 2), "embedding_calls": n_batches,
                                    "mean_queries_per_call": round((batcher.queries - q0) / max(n_batches, 1), 1)}
+        # Context for the row below: what the HTTP stack alone sustains here (same load, an endpoint doing nothing).
+        with ServerThread(_noop_app()) as srv:
+            answered, elapsed = _load_in_subprocess(srv.url + "/retrieve", queries_file, sizes["clients"],
+                                                    sizes["seconds"])
+        ceiling = answered / elapsed
+        rows.append(Row("retrieval", "HTTP ceiling: no-op /retrieve", ceiling, "requests/s",
+                        config=f"{sizes['clients']} clients, same load generator, no embedding or search"))
         rows.append(Row("retrieval", "server queries/s, micro-batched", qps[True], "queries/s",
                         baseline_value=qps[False], baseline="one query per embedding call",
                         config=f"{sizes['clients']} clients x 1-query requests, {len(docs)} docs, topk 3, {device}",
