@@ -80,6 +80,8 @@ BAD_BODIES = [
     (b"{not json", 400, "not valid JSON"),
     (b"", 400, "not valid JSON"),
     (b'["a"]', 422, "must be a JSON object"),
+    (b"[" * 4000, 400, "nested too deeply"),
+    (b'{"queries": ["\xff\xfe"]}', 400, "not valid JSON"),
     (b'{"topk": 3}', 422, "'queries' is required"),
     (b'{"queries": "one string"}', 422, "'queries' must be a list"),
     (b'{"queries": []}', 422, "'queries' is empty"),

@@ -161,6 +161,8 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "request body is JSON nested too deeply") from None
     if not isinstance(payload, dict):
         raise RequestError(422, 'request body must be a JSON object {"queries": [...], "topk": k, '
                                 f'"return_scores": bool}}, got a JSON {type(payload).__name__}')
