@@ -28,12 +28,20 @@ def test_summarize_macro_and_micro() -> None:
         summarize([])
 
 
-def test_cli_eval_end_to_end(tmp_path) -> None:
-    from rexrag_fast.cli import main
+def small_world(tmp_path_factory):
+    """A small embedded world (~80 documents), shared by the agent test modules of one session with its index."""
     from rexrag_fast.data.world import generate_world
 
-    world = tmp_path / "world"
-    generate_world(n_countries=4, n_cities=12, n_companies=10, n_people=30, n_questions=40).save(world)
+    wdir = tmp_path_factory.getbasetemp() / "agent-small-world"
+    if not (wdir / "world.json").is_file():
+        generate_world(n_countries=4, n_cities=12, n_companies=10, n_people=30, n_questions=40).save(wdir)
+    return wdir
+
+
+def test_cli_eval_end_to_end(tmp_path, tmp_path_factory) -> None:
+    from rexrag_fast.cli import main
+
+    world = small_world(tmp_path_factory)
     out = tmp_path / "scores.json"
     rc = main(["eval", "--model", "tiny", "--data", str(world / "test.parquet"), str(world / "test.jsonl"),
                "--retriever", str(world), "--n", "2", "--max-turns", "1", "--max-tokens-per-turn", "3",
@@ -43,7 +51,7 @@ def test_cli_eval_end_to_end(tmp_path) -> None:
     assert payload["overall"]["n"] == 4 and len(payload["examples"]) == 4
     # parquet rows carry world_<type> sources; the JSONL file's rows take the directory's name
     sources = {e["data_source"] for e in payload["examples"]}
-    assert "world" in sources and any(s.startswith("world_") for s in sources)
+    assert world.name in sources and any(s.startswith("world_") for s in sources)
     assert sum(v["n"] for v in payload["per_source"].values()) == 4
     for e in payload["examples"]:
         assert e["em"] == exact_match(e["answer"], e["golden_answers"])

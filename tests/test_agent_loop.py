@@ -33,13 +33,19 @@ def tokenizer():
     return load_smollm2_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def small_world(tmp_path_factory):
+    """A small embedded world (~80 documents), shared by the agent test modules of one session with its index."""
     from rexrag_fast.data.world import generate_world
 
-    wdir = tmp_path_factory.mktemp("world")
-    generate_world(n_countries=4, n_cities=12, n_companies=10, n_people=30, n_questions=40).save(wdir)
+    wdir = tmp_path_factory.getbasetemp() / "agent-small-world"
+    if not (wdir / "world.json").is_file():
+        generate_world(n_countries=4, n_cities=12, n_companies=10, n_people=30, n_questions=40).save(wdir)
     return wdir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return small_world(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
