@@ -30,6 +30,8 @@ cmake -S "$ROOT" -B "$WORK/build" "${GEN[@]}" \
   -Dpybind11_DIR="$PYBIND11_DIR" \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$WORK/rexrag_fast" >"$WORK/cmake.log" || { cat "$WORK/cmake.log"; exit 1; }
 cmake --build "$WORK/build" -j "$(nproc)" >>"$WORK/cmake.log" || { cat "$WORK/cmake.log"; exit 1; }
+nm -D "$WORK"/rexrag_fast/_C*.so | grep -q __asan_report || { echo "the extension is not ASan-instrumented"; exit 1; }
+nm -D "$WORK"/rexrag_fast/_C*.so | grep -q __ubsan_handle || { echo "the extension is not UBSan-instrumented"; exit 1; }
 
 # Run from a copy of the tests so that `import rexrag_fast` finds the sanitized copy first.
 mkdir -p "$WORK/tests"
