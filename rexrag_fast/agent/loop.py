@@ -73,7 +73,7 @@ class AgentConfig:
     max_tokens_per_turn: new tokens per generation. max_response_tokens: all tokens after the prompt
         (generated and inserted); a trajectory that reaches it ends with status "length".
     temperature / top_p / top_k: sampling (temperature 0 = greedy). seed: None -> the engine's RNG;
-        else request seeds derived from (seed, trajectory index, turn), reproducible in any batch.
+        else request seeds derived from (seed, item index, turn, current length): reproducible runs.
     force_answer: final turn stops only at </answer> and accepts only an answer.
     empty_query_invalid: treat `<search></search>` as an invalid action (Search-R1 searches for "").
     """
@@ -125,10 +125,11 @@ def continue_request(engine: Any, traj: Trajectory, sampling: SamplingParams) ->
     return engine.fork(comp, n, rest, sampling)
 
 
-def _turn_seed(seed: int | None, index: int, turn: int) -> int | None:
+def _turn_seed(seed: int | None, index: int, turn: int, length: int) -> int | None:
+    # the length separates a fork from the trajectory that sat at the same index and turn in another call
     if seed is None:
         return None
-    return (seed * 1_000_003 + index * 7919 + turn) % (2**31 - 1)
+    return (seed * 1_000_003 + index * 7919 + turn * 104_729 + length) % (2**31 - 1)
 
 
 def run_agent_loop(
@@ -177,7 +178,7 @@ def run_agent_loop(
                 top_k=config.top_k,
                 max_tokens=min(config.max_tokens_per_turn, budget),
                 stop=("</answer>",) if final and config.force_answer else STOP_STRINGS,
-                seed=_turn_seed(config.seed, i, len(t.turns)),
+                seed=_turn_seed(config.seed, i, len(t.turns), len(t)),
             )
             requests.append(continue_request(engine, t, sampling))
             stepping.append((i, t, final))
