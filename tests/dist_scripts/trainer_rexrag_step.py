@@ -1,0 +1,80 @@
+"""One REX-RAG learning step of `RLTrainer` on answered originals, launched by tests/test_trainer_loop.py:
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 tests/dist_scripts/trainer_rexrag_step.py --out DIR
+
+A random tiny model never answers, so the originals are written here: for each of this rank's questions
+(n_agent = 2) one trajectory answers with the first golden answer (reward 1) and one with a wrong answer
+(reward 0). `RLTrainer.explore` then forks probes from the dead ends (revision_prob 100) and runs them on
+the engine with the real retriever, and `RLTrainer.learn` does the rest of the step (old and reference
+log-probs, filter with keep_ratio 1, policy correction, ZeRO-3 update, weight sync). Rank 0 writes
+DIR/result.json: the step's metrics, the probes made on each rank, and which parameters changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from rexrag_fast.agent.trajectory import Component, Trajectory
+from rexrag_fast.train import distributed as du
+from rexrag_fast.train.config import load_config
+from rexrag_fast.train.trainer import RLTrainer, StepBatch, ensure_process_group
+
+ANSWER_TURN = "<think> I remember this one. </think>\n<answer> {} </answer>"
+WRONG_ANSWER = "Nobody In Particular"
+
+
+def answered(prompt: list[int], answer: str, tokenizer) -> Trajectory:
+    t = Trajectory.from_prompt(prompt)
+    ids = tokenizer.encode(ANSWER_TURN.format(answer), add_special_tokens=False)
+    t.append(ids, Component.RESPONSE, [-1.0] * len(ids))
+    t.close_turn("answer", answer, "stop")
+    t.answer, t.status = answer, "answer"
+    return t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"), [
+        "model.path=tiny-qwen2", f"trainer.output_dir={args.out}", "trainer.seed=11",
+        "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "rollout.n_agent=2", "rollout.max_turns=1",
+        "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
+        "actor.max_tokens_per_micro_batch=1024", "actor.lr=1e-3",
+        "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=1.0",
+        "trainer.tensorboard=false", "trainer.progress_bar=false",
+    ])
+    ensure_process_group()
+    trainer = RLTrainer(cfg)
+    before = trainer.actor.gathered_state_dict()
+    prompts, golds, groups = trainer.local_questions()
+    trajs, t_golds, t_groups = [], [], []
+    for p, g, gid in zip(prompts, golds, groups):
+        for ans in (g[0], WRONG_ANSWER):
+            trajs.append(answered(p, ans, trainer.tokenizer))
+            t_golds.append(g)
+            t_groups.append(gid)
+    batch = StepBatch.originals(trajs, t_golds, t_groups)
+    rollout_m = trainer.explore(batch, step=1)
+    probes = [(t.meta["probe_of"], g, len(t.turns), t.status) for t, g, p in
+              zip(batch.trajs, batch.group_ids, batch.is_probe) if p]
+    metrics = trainer.learn(batch, rollout_m)
+    after = trainer.actor.gathered_state_dict()
+    all_probes = du.gather_objects({"rank": du.get_rank(), "probes": probes, "originals": len(trajs),
+                                    "rewards": batch.rewards, "groups": batch.group_ids})
+    if du.is_main():
+        changed = {k: not torch.equal(before[k], after[k]) for k in before}
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump({"metrics": metrics, "ranks": all_probes, "changed": changed}, f, default=float)
+    du.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
