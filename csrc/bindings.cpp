@@ -9,6 +9,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -60,10 +61,14 @@ int32_t checked_int32(long long v, const char* what, size_t i) {
 PyTypeObject* g_ndarray_type = nullptr;
 PyObject* g_int32_descr = nullptr;
 
+// A view into numpy memory is read as int32 directly only when aligned (e.g. not a view at an odd byte offset
+// of a bytes buffer); anything else is converted.
+bool aligned_int32(const void* p) { return reinterpret_cast<uintptr_t>(p) % alignof(int32_t) == 0; }
+
 IntView read_ints(const py::handle& obj, const char* what, std::vector<int32_t>* storage) {
   if (Py_TYPE(obj.ptr()) == g_ndarray_type) {
     const auto* proxy = py::detail::array_proxy(obj.ptr());
-    if (proxy->nd == 1 && proxy->descr == g_int32_descr &&
+    if (proxy->nd == 1 && proxy->descr == g_int32_descr && aligned_int32(proxy->data) &&
         (proxy->dimensions[0] <= 1 || proxy->strides[0] == static_cast<py::ssize_t>(sizeof(int32_t)))) {
       return {reinterpret_cast<const int32_t*>(proxy->data), static_cast<size_t>(proxy->dimensions[0])};
     }
@@ -78,7 +83,8 @@ IntView read_ints(const py::handle& obj, const char* what, std::vector<int32_t>*
       throw CacheError(std::string(what) + " must hold integers, got dtype " + std::string(py::str(arr.dtype())));
     }
     const auto n = static_cast<size_t>(arr.shape(0));
-    if (arr.dtype().is(py::dtype::of<int32_t>()) && (n <= 1 || arr.strides(0) == sizeof(int32_t))) {
+    if (arr.dtype().is(py::dtype::of<int32_t>()) && aligned_int32(arr.data()) &&
+        (n <= 1 || arr.strides(0) == sizeof(int32_t))) {
       return {static_cast<const int32_t*>(arr.data()), n};
     }
     auto as64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);

@@ -53,8 +53,10 @@ def test_incref_shares_and_free_drops_one_reference() -> None:
 @pytest.mark.parametrize(
     "blocks",
     [[0, 1], (0, 1), np.array([0, 1], np.int32), np.array([0, 1], np.int64), np.array([0, 1], np.uint8),
-     np.array([0, 9, 1, 9], np.int32)[::2], [np.int64(0), np.int32(1)]],
-    ids=["list", "tuple", "int32", "int64", "uint8", "strided", "numpy-scalars"],
+     np.array([0, 9, 1, 9], np.int32)[::2], [np.int64(0), np.int32(1)],
+     np.frombuffer(b"\x00" + np.array([0, 1], np.int32).tobytes(), dtype=np.int32, offset=1),
+     np.array([0, 1], dtype=">i4")],
+    ids=["list", "tuple", "int32", "int64", "uint8", "strided", "numpy-scalars", "misaligned", "big-endian"],
 )
 def test_free_accepts_lists_and_integer_arrays(blocks) -> None:
     alloc = BlockAllocator(3)
