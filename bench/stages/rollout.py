@@ -7,6 +7,20 @@
     20-token exploratory prompt and continued. With the prefix cache the shared prefix's full blocks are
     reused; the baseline is the same engine with prefix caching off, which re-prefills every prefix. Rows:
     probe tokens generated per second (both), and the fraction of shared-prefix prefill avoided.
+(c) REX-RAG probe phase on the embedded world: questions of the world's test split are rolled out by the agent
+    loop (real engine, SmolLM2 tokenizer, a random Qwen2 of that vocabulary, the real in-process retriever).
+    A random model never writes an action tag, so the rollouts are steered through the loop's continuation
+    API, as REX-RAG inserts its prompts: the model writes every turn (its reasoning and whatever follows the
+    tag), the `<search> query </search>` / `<answer> ... </answer>` tags are inserted into the open turn
+    (query 1 = the question, later queries = the title of the previous search's top passage; answer = the
+    title of the last search's top passage, scored by exact match). Every original with reward < 1 becomes a
+    probe (make_probes, revision_prob 100, the default exploratory prompts) and run_probes continues it for
+    its remaining turns. Timed: run_probes only. With the prefix cache (the originals' KV cached, as after
+    their rollout) each probe's first request forks the cached history; the baseline runs the same probes on
+    the same model with prefix caching off, re-prefilling the whole history at every turn. Rows: probe tokens
+    generated per second (the whole of run_probes: forwards, sampling, stop checks, turn parsing), and
+    prefill tokens computed (engine counters). Decoding is greedy: on CPU the engine's per-row
+    torch.multinomial over SmolLM2's 49,152 tokens costs ~3.5 ms a token, which would drown both sides alike.
 
 SmolLM2 in (a) costs ~30-40 s of GGUF loading on a busy CPU, more than this stage's share of the whole
 benchmark, so it runs only with REXRAG_BENCH_SMOLLM2=1.
@@ -14,14 +28,21 @@ benchmark, so it runs only with REXRAG_BENCH_SMOLLM2=1.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
 
+import numpy as np
 import torch
 
 from bench.harness import Progress, Row, stage
+from rexrag_fast.agent.loop import AgentConfig, run_agent_loop
+from rexrag_fast.agent.reward import exact_match
+from rexrag_fast.agent.template import encode_prompt
+from rexrag_fast.agent.trajectory import Trajectory
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
-from rexrag_fast.engine.models import load_smollm2, tiny_model
+from rexrag_fast.engine.models import load_smollm2, load_smollm2_tokenizer, tiny_model
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True)
@@ -33,6 +54,13 @@ SIZES = {
                        smollm2=None, vocab=151936, block=256),
 }
 EXPLORE_LEN = 20
+REXRAG = {
+    # (c) questions, searches before the (wrong) answer, tokens the model writes per turn, passages per search,
+    # cap on one observation, searching turns of the agent loop (Search-R1's max_turns), timed runs per mode
+    "tiny": dict(questions=16, searches=2, turn_tokens=16, topk=3, obs_tokens=500, max_turns=4, repeats=2),
+    "qwen2.5-3b": dict(questions=64, searches=2, turn_tokens=64, topk=3, obs_tokens=500, max_turns=4, repeats=2),
+}
+TOP_TITLE = re.compile(r"Doc 1\(Title: (.*?)\)")
 
 
 def _prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -125,6 +153,156 @@ def _probe_rows(model, s: dict, config: str, sync, progress: Progress) -> list[R
     ]
 
 
+def _smollm2_tokenizer():
+    """The SmolLM2 tokenizer, from a converted copy in the rexrag_fast cache when there is one.
+
+    Building it from the GGUF file parses ~100 MB (10-20 s on a busy CPU, most of this stage's REX-RAG part);
+    the first call saves the converted fast tokenizer (tokenizer.json, config, chat template) under a key of
+    the GGUF file's size and mtime and the transformers version, so later runs load it in about a second.
+    """
+    import shutil
+    import tempfile
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from rexrag_fast.data.world import default_cache_dir
+    from rexrag_fast.engine.models import SMOLLM2_GGUF, smollm2_dir
+
+    st = (smollm2_dir() / SMOLLM2_GGUF).stat()
+    cached = default_cache_dir() / f"smollm2-tokenizer-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}"
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = load_smollm2_tokenizer()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent)
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, cached)  # atomic: a concurrent run sees the whole copy or none
+    except OSError:
+        pass  # another run saved it first (or the cache is read-only): keep the tokenizer loaded here
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def _top_title(traj: Trajectory, tokenizer) -> str:
+    """Title of the top passage in the trajectory's last `<information>` block."""
+    text = tokenizer.decode(traj.token_ids[traj.prompt_len:], skip_special_tokens=True)
+    titles = TOP_TITLE.findall(text)
+    if not titles:
+        raise RuntimeError(f"rollout: no retrieved passage in a trajectory that searched: {text[-300:]!r}")
+    return titles[-1]
+
+
+def _steered_originals(engine: LLMEngine, retriever, tokenizer, examples, r: dict,
+                       progress: Progress) -> list[Trajectory]:
+    """Original rollouts [B] of `r["searches"]` searches, then an answer (all in searching turns).
+
+    Each round continues every trajectory with one call of the agent loop: the last turn the model wrote
+    (the loop's final turn of the previous call) is cut before its last token and re-opened with the action
+    tag appended, and max_turns = its turn index + 1, so the loop parses that turn as a search (retrieves,
+    inserts the information, lets the model write the next, final turn) or as the answer (done).
+    """
+    turn = r["turn_tokens"]
+    trajs = run_agent_loop(engine, retriever, [encode_prompt(e.question, tokenizer) for e in examples],
+                           AgentConfig(max_turns=0, max_tokens_per_turn=turn, temperature=0.0), tokenizer=tokenizer)
+    for step in range(r["searches"] + 1):
+        progress(f"probe (REX-RAG): original rollouts, turn {step}")
+        items = []
+        for t, e in zip(trajs, examples):
+            last = t.turns[-1]
+            # keep the model's text of its last turn but one token, so that turn is re-opened (a 1-token turn
+            # is dropped instead: the action then opens the turn on its own)
+            keep = last.end - 1 if last.end - last.start >= 2 else last.start
+            if step < r["searches"]:
+                action = f"\n<search> {e.question if step == 0 else _top_title(t, tokenizer)} </search>"
+            else:
+                action = f"\n<answer> {_top_title(t, tokenizer)} </answer>"
+            items.append(t.fork(keep, tokenizer.encode(action, add_special_tokens=False)))
+        cfg = AgentConfig(max_turns=step + 1, max_tokens_per_turn=turn, topk=r["topk"],
+                          max_obs_tokens=r["obs_tokens"], temperature=0.0)
+        trajs = run_agent_loop(engine, retriever, items, cfg, tokenizer=tokenizer)
+    if any(t.status != "answer" or len(t.turns) != r["searches"] + 1 for t in trajs):
+        raise RuntimeError("rollout: a steered original did not end with its answer turn: "
+                           f"{[(t.status, len(t.turns)) for t in trajs]}")
+    return trajs
+
+
+def _rexrag_probe_rows(model, tokenizer, block: int, r: dict, config: str, sync, progress: Progress,
+                       world_dir=None) -> list[Row]:
+    """Rows of (c): the REX-RAG probe phase with the prefix cache vs re-prefilling (module docstring).
+
+    r: a REXRAG entry; world_dir: the embedded world (None: default_world_dir()).
+    """
+    from rexrag_fast.data.datasets import load_world_split
+    from rexrag_fast.retrieval import LocalRetriever
+    from rexrag_fast.rexrag.probes import make_probes, run_probes
+    from rexrag_fast.rexrag.prompts import DEFAULT_EXPLORE_PROMPTS, tokenize_prompts
+
+    progress("probe (REX-RAG): loading the embedded world's retriever")
+    retriever = LocalRetriever.for_world(world_dir)
+    examples = load_world_split("test", world_dir)[: r["questions"]]
+    # room for every original's and probe's whole history: nothing cached is evicted before its probe forks it
+    cfg = dict(num_blocks=r["questions"] * (-(-2048 // block)) + 64, block_size=block,
+               max_num_seqs=r["questions"])
+    cached = LLMEngine(model, tokenizer=tokenizer, config=EngineConfig(**cfg))
+    plain = LLMEngine(model, tokenizer=tokenizer, config=EngineConfig(**cfg, enable_prefix_caching=False))
+    originals = _steered_originals(cached, retriever, tokenizer, examples, r, progress)
+    rewards = [exact_match(t.answer, e.golden_answers) for t, e in zip(originals, examples)]
+    pool = tokenize_prompts(DEFAULT_EXPLORE_PROMPTS, tokenizer)
+    agent = AgentConfig(max_turns=r["max_turns"], max_tokens_per_turn=r["turn_tokens"], topk=r["topk"],
+                        max_obs_tokens=r["obs_tokens"], temperature=0.0)
+
+    def probes():  # the same probes every time: same rng seed, forked afresh from the untouched originals
+        return make_probes(originals, rewards, pool, 100, np.random.default_rng(0), tokenizer,
+                           max_turns=r["max_turns"])
+
+    batch = probes()
+    if not batch.probes:
+        raise RuntimeError(f"rollout: no dead end among {len(originals)} originals (rewards {rewards})")
+    history = [len(t.token_ids) for t in batch.probes]  # tokens of each probe before it runs
+    kept = sum(n - len(pool[i]) for n, i in zip(history, batch.prompt_ids.tolist()))  # forked source tokens
+    plain.generate([Request(list(batch.probes[0].token_ids), _greedy(2))])  # first-use costs, off the clock
+    results: dict[str, list] = {"prefix cache": [], "re-prefill": []}
+    for rep in range(r["repeats"]):
+        for label, engine in (("prefix cache", cached), ("re-prefill", plain)):
+            if engine is cached and rep:
+                # the cache as right after the original rollouts: their KV, and none of an earlier probe run
+                engine.reset_prefix_cache()
+                engine.generate([Request(list(t.completion.token_ids), _greedy(1)) for t in originals])
+            batch = probes()
+            engine.reset_counters()
+            progress(f"probe (REX-RAG, {label}) run {rep}: {len(batch.probes)} probes")
+            t0 = time.perf_counter()
+            done = run_probes(engine, retriever, batch.probes, agent, tokenizer=tokenizer)
+            if sync:
+                sync()
+            seconds = time.perf_counter() - t0
+            results[label].append((seconds, dataclasses.replace(engine.counters), done))
+    (a_s, a, a_done), (b_s, b, _) = (min(results[k], key=lambda x: x[0]) for k in ("prefix cache", "re-prefill"))
+    progress(f"probe (REX-RAG): prefill tokens {a.prefill_tokens} with the prefix cache ({a.cached_tokens} reused) "
+             f"vs {b.prefill_tokens} re-prefilling; {a.generated_tokens} vs {b.generated_tokens} generated; "
+             f"{a_s:.3f}s vs {b_s:.3f}s")
+    extra = {"probes": len(batch.probes), "originals": len(originals), "original_accuracy": float(np.mean(rewards)),
+             "probe_start_tokens_mean": float(np.mean(history)), "probe_final_tokens_mean":
+             float(np.mean([len(t.token_ids) for t in a_done])), "probe_statuses": sorted({t.status for t in a_done}),
+             "cached_s": a_s, "reprefill_s": b_s, "generated_cached": a.generated_tokens,
+             "generated_reprefill": b.generated_tokens, "prefill_tokens_cached_engine": a.prefill_tokens,
+             "prefill_tokens_reprefill": b.prefill_tokens, "cached_tokens": a.cached_tokens,
+             "prompt_tokens_cached_engine": a.prompt_tokens, "prompt_tokens_reprefill": b.prompt_tokens,
+             "fork_prefix_tokens": kept, "requests": a.requests, "requests_reprefill": b.requests}
+    config = (f"{config}, {len(batch.probes)} probes of {len(originals)} originals ({r['searches']} searches + "
+              f"answer, probe history {min(history)}-{max(history)} tokens), max_turns {r['max_turns']}, "
+              f"{r['turn_tokens']} tokens/turn, greedy")
+    return [
+        Row("rollout", "probe (REX-RAG, embedded world)", a.generated_tokens / a_s, "tokens/s",
+            b.generated_tokens / b_s, "re-prefill whole history (prefix caching off)", config, extra),
+        Row("rollout", "probe prefill tokens computed", a.prefill_tokens, "tokens (fewer is better)",
+            b.prefill_tokens, "re-prefill whole history (prefix caching off)", config, extra),
+    ]
+
+
 @stage("rollout")
 def run(preset: str, progress: Progress) -> list[Row]:
     cuda = preset != "tiny" and torch.cuda.is_available()
@@ -152,6 +330,19 @@ def run(preset: str, progress: Progress) -> list[Row]:
         probe_config = (f"{name}, {s['probes']} dead ends of {s['prefix']}+32 tokens, fork at -8, "
                         f"+{EXPLORE_LEN} explore tokens, {s['probe_new']} new, greedy, block {s['block']}, {card}")
         rows += _probe_rows(model, s, probe_config, sync, progress)
+        del model
+        progress("probe (REX-RAG): loading the SmolLM2 tokenizer")
+        tokenizer = _smollm2_tokenizer()
+        r = REXRAG[preset]
+        if cuda:
+            with torch.device("cuda"):
+                agent_model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0, **QWEN25_3B).to(torch.bfloat16)
+        else:
+            agent_model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0)
+        nparams = sum(p.numel() for p in agent_model.parameters())
+        rexrag_config = (f"{name} with SmolLM2's vocabulary ({nparams / 1e6:.1f}M params, {dtype}), "
+                         f"block {s['block']}, {card}")
+        rows += _rexrag_probe_rows(agent_model, tokenizer, s["block"], r, rexrag_config, sync, progress)
         if s["smollm2"] is not None and os.environ.get("REXRAG_BENCH_SMOLLM2") == "1":
             progress("loading SmolLM2-135M-Instruct")
             sm, tokenizer = load_smollm2()

@@ -1,0 +1,50 @@
+"""Benchmark stage `rollout`, REX-RAG probe rows: on a small embedded world the steered originals answer, their
+dead ends become probes, and both modes run the same probes; the counters show the forked prefixes reused.
+Nothing here is timed (timings only come from bench/throughput.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.stages import rollout  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from rexrag_fast.data.world import generate_world
+
+    wdir = tmp_path_factory.mktemp("world")
+    generate_world(n_countries=4, n_cities=12, n_companies=10, n_people=30, n_questions=40).save(wdir)
+    return wdir
+
+
+def test_rexrag_probe_rows_reuse_the_forked_prefix(world):
+    from rexrag_fast.engine.models import load_smollm2_tokenizer, tiny_model
+
+    tokenizer = load_smollm2_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0)
+    block = 16
+    r = dict(questions=4, searches=2, turn_tokens=4, topk=2, obs_tokens=64, max_turns=4, repeats=2)
+    messages: list[str] = []
+    speed, prefill = rollout._rexrag_probe_rows(model, tokenizer, block, r, "test", None, messages.append,
+                                                world_dir=world)
+    assert speed.unit == "tokens/s" and speed.value > 0 and speed.baseline_value > 0
+    x = prefill.extra
+    assert x["originals"] == 4 and 1 <= x["probes"] <= 4
+    assert x["probes"] == round(x["originals"] * (1 - x["original_accuracy"]))  # every dead end is probed
+    assert x["probe_statuses"] == ["max_turns"]  # random text never answers: the probes run to the final turn
+    # both modes ran the same requests on the same tokens
+    assert x["generated_cached"] == x["generated_reprefill"] > 0
+    assert x["requests"] == x["requests_reprefill"] == 2 * x["probes"]  # one searching turn + the final turn
+    assert x["prompt_tokens_cached_engine"] == x["prompt_tokens_reprefill"]
+    # re-prefilling computes every prompt token; with the cache, every full block of each forked prefix is reused
+    assert prefill.baseline_value == x["prompt_tokens_reprefill"]
+    assert prefill.value + x["cached_tokens"] == x["prompt_tokens_cached_engine"]
+    assert x["cached_tokens"] >= x["fork_prefix_tokens"] - x["probes"] * (block - 1)
+    assert prefill.value < prefill.baseline_value
+    assert any("run 1" in m for m in messages)
