@@ -3,8 +3,8 @@
 In process: the data stream, mini-batch splitting, the agent limits, config errors and an unreachable
 retriever through the CLI (both end before any model is loaded). Then REAL 2-process DeepSpeed ZeRO-3 runs
 on the CPU (gloo) through torchrun, of a tiny random Qwen2 (SmolLM2 tokenizer) on the embedded world with
-its in-process retriever: the `rexrag-fast train` command for two steps, one REX-RAG step with probes on
-answered originals (tests/dist_scripts/trainer_rexrag_step.py), and (slow) an exact resume.
+its in-process retriever: the `rexrag-fast train` command for two steps; slow: one REX-RAG step with probes
+on answered originals (tests/dist_scripts/trainer_rexrag_step.py) and an exact resume.
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ def test_two_process_training_run(two_step_run: tuple[Path, str]) -> None:
     assert (out / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_rexrag_step_with_probes(tmp_path: Path) -> None:
     _torchrun([str(REXRAG_STEP_SCRIPT), "--out", str(tmp_path)], tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())

@@ -72,6 +72,7 @@ TINY_MODEL = "tiny-qwen2"
 SMOLLM2 = "smollm2-135m"
 CHECKPOINT_SUBDIR = "checkpoints"
 FINAL_MODEL_SUBDIR = "final"
+KV_POOL_SHARE = 0.3  # of gpu_memory_utilization x card memory: the rollout KV pool (ZeRO-3 training needs the rest)
 RESOLVED_CONFIG = "config.yaml"
 # Purposes of derived seeds (one independent stream each).
 _SEED_ROLLOUT, _SEED_PROBE_ROLLOUT, _SEED_PROBE_DRAWS = 1, 2, 3
@@ -172,6 +173,26 @@ def agent_config(cfg: Config, seed: int | None) -> AgentConfig:
         max_response_tokens=d.max_prompt_length + d.max_response_length - d.max_start_length,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
     )
+
+
+def kv_pool_blocks(cfg: Config, model_config: Any, num_seqs: int, device: torch.device) -> int:
+    """KV blocks of the rollout engine: enough for `num_seqs` trajectories of the longest length at once,
+    capped on a GPU at KV_POOL_SHARE * rollout.gpu_memory_utilization of the card (the rest is the actor's;
+    the engine preempts and recomputes when the pool runs out).
+
+        block bytes = layers * 2 (K, V) * block_size * kv_heads * head_dim * 2 (bf16)
+    """
+    bs = cfg.rollout.kv_block_size
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+    worst = num_seqs * (-(-longest // bs) + 1)
+    if device.type != "cuda":
+        return worst
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    block_bytes = model_config.num_hidden_layers * 2 * bs * kv_heads * head_dim * 2
+    budget = KV_POOL_SHARE * cfg.rollout.gpu_memory_utilization * torch.cuda.get_device_properties(device).total_memory
+    return max(1, min(worst, int(budget // block_bytes)))
 
 
 def ensure_process_group() -> None:
@@ -322,12 +343,10 @@ class RLTrainer:
         self.model_config = model.config
 
         # The engine copies the weights, the reference is a frozen copy: both before ZeRO-3 partitions them.
-        max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-        bs = cfg.rollout.kv_block_size
         seqs = max(1, -(-cfg.data.train_batch_size // self.world)) * cfg.rollout.n_agent
         self.engine_config = EngineConfig(
-            num_blocks=seqs * (-(-max_len // bs) + 1), block_size=bs, max_num_seqs=min(seqs, 256),
-            enable_prefix_caching=cfg.rollout.use_prefix_cache, device=self.device)
+            num_blocks=kv_pool_blocks(cfg, model.config, seqs, self.device), block_size=cfg.rollout.kv_block_size,
+            max_num_seqs=min(seqs, 256), enable_prefix_caching=cfg.rollout.use_prefix_cache, device=self.device)
         self.engine = LLMEngine(model, tokenizer=tokenizer, config=self.engine_config)
         self.reference = ReferencePolicy(frozen_copy(model), cfg, device=self.device) \
             if cfg.algorithm.use_kl_loss else None

@@ -1,0 +1,138 @@
+"""Benchmark stage `train_step`: tokens/s of one full REX-RAG RL step, fused kernels vs the eager path.
+
+Both paths train the same model from the same weights on the SAME batch: one rollout (agent loop on the
+rollout engine, embedded world, in-process retriever, REX-RAG probes) is made once and handed to two
+trainers that differ only in actor.use_fused_kernels:
+
+    fused: linear_logprobs (no [T, V] logits) + fused_policy_loss
+    eager: lm_head -> [T, V] logits -> log_softmax -> gather, verl's loss composed op by op
+
+The learning part of the step (`RLTrainer.learn`: old and reference log-probs, REX-RAG filter and
+correction, ppo mini-batch updates on DeepSpeed ZeRO-3 in a 1-rank gloo/nccl group, weight sync into the
+engine) is timed per path; a full step = the shared rollout + that path's learning part, in trained tokens
+per second. Peak memory of the learning part: the CUDA allocator's peak on a GPU; on the CPU the peak of
+live tensor bytes counted per aten op by TensorMemoryTracker (deterministic, in a separate untimed call).
+
+Presets: tiny = a random 2-layer Qwen2 with the SmolLM2 vocabulary (49152), 4 questions x 2 rollouts;
+qwen2.5-3b = the embedded SmolLM2-135M (no larger model ships offline) with the reference's batch shape
+scaled to one GPU: 32 questions x 5 rollouts, 3 turns of up to 128 tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import torch
+
+from bench.harness import Progress, Row, stage
+from rexrag_fast.testing import TensorMemoryTracker
+
+PRESETS = {
+    "tiny": ["model.path=tiny-qwen2", "data.train_batch_size=4", "actor.ppo_mini_batch_size=2",
+             "rollout.n_agent=2", "rollout.max_turns=1", "data.max_prompt_length=512", "data.max_start_length=320",
+             "data.max_response_length=16", "actor.max_tokens_per_micro_batch=1024"],
+    "qwen2.5-3b": ["model.path=smollm2-135m", "data.train_batch_size=32", "actor.ppo_mini_batch_size=16",
+                   "rollout.n_agent=5", "rollout.max_turns=3", "data.max_prompt_length=2048",
+                   "data.max_start_length=512", "data.max_response_length=128",
+                   "actor.max_tokens_per_micro_batch=16384", "deepspeed.precision=auto"],
+}
+COMMON = ["trainer.seed=3", "actor.lr=1e-5", "trainer.tensorboard=false", "trainer.progress_bar=false",
+          "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=0.5",
+          "deepspeed.gradient_checkpointing=false", "actor.ref_placement=cpu"]
+
+
+def _clone_batch(batch):
+    """An independent copy of a rolled-out StepBatch (learn() mutates it); engine completions are shared."""
+    out = copy.copy(batch)
+    out.trajs = [copy.copy(t) for t in batch.trajs]
+    for t in out.trajs:
+        t.meta = dict(t.meta)
+    out.golds, out.rewards = list(batch.golds), list(batch.rewards)
+    out.group_ids, out.is_probe = list(batch.group_ids), list(batch.is_probe)
+    return out
+
+
+@stage("train_step")
+def run(preset: str, progress: Progress) -> list[Row]:
+    from rexrag_fast.train import distributed as du
+    from rexrag_fast.train.config import load_config
+    from rexrag_fast.train.trainer import (
+        RLTrainer,
+        build_retriever,
+        ensure_process_group,
+        load_policy,
+        load_train_examples,
+    )
+
+    overrides = PRESETS[preset] + COMMON
+    env_before = dict(os.environ)
+    ensure_process_group()
+    try:
+        base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
+                           overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step"])
+        model, tokenizer = load_policy(base)
+        retriever = build_retriever(base)
+        examples = load_train_examples(base)
+        cuda = torch.cuda.is_available()
+        trainers = {}
+        for path, fused in (("fused", True), ("eager", False)):
+            cfg = copy.deepcopy(base)
+            cfg.actor.use_fused_kernels = fused
+            trainers[path] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
+                                       examples=examples)
+        progress("trainers built; rolling out")
+        t0 = time.perf_counter()
+        batch, rollout_m = trainers["fused"].rollout(1)
+        rollout_s = time.perf_counter() - t0
+        tokens = sum(len(t) for t in batch.trajs)
+        progress(f"rollout: {len(batch.trajs)} trajectories ({int(rollout_m['count/probes_made'])} probes), "
+                 f"{tokens} tokens in {rollout_s:.1f}s")
+        seconds, peak, metrics = {}, {}, {}
+        for path, trainer in trainers.items():
+            # Untimed first call: warms DeepSpeed up and measures peak memory.
+            state = copy.deepcopy(trainer.state)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                trainer.learn(_clone_batch(batch), rollout_m)
+                peak[path] = torch.cuda.max_memory_allocated() - before
+            else:
+                with TensorMemoryTracker() as tracker:
+                    trainer.learn(_clone_batch(batch), rollout_m)
+                peak[path] = tracker.peak_bytes
+            trainer.state = state  # the timed call repeats the same step
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            metrics[path] = trainer.learn(_clone_batch(batch), rollout_m)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds[path] = time.perf_counter() - t0
+            progress(f"{path}: learn {seconds[path]:.2f}s, peak {peak[path] / 2**20:.1f} MiB")
+    finally:
+        du.destroy_process_group()
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            if key not in env_before:
+                os.environ.pop(key, None)
+
+    train_tokens = metrics["fused"]["batch/train_tokens"]
+    config = (f"{base.model.path}, {len(batch.trajs)} traj ({int(rollout_m['count/probes_made'])} probes), "
+              f"{int(train_tokens)} train tokens, ppo_epochs {base.actor.ppo_epochs}, "
+              f"{base.data.train_batch_size // base.actor.ppo_mini_batch_size} mini-batches, "
+              f"{'cuda' if cuda else 'cpu'} 1 rank ZeRO-{base.deepspeed.zero_stage}")
+    step = {p: train_tokens / (rollout_s + seconds[p]) for p in seconds}
+    learn = {p: train_tokens / seconds[p] for p in seconds}
+    extra = {"rollout_s": rollout_s, "learn_s_fused": seconds["fused"], "learn_s_eager": seconds["eager"],
+             "loss_fused": metrics["fused"]["actor/loss"], "loss_eager": metrics["eager"]["actor/loss"]}
+    return [
+        Row("train_step", "full RL step", step["fused"], "train tokens/s", step["eager"], "eager log-probs + loss",
+            config, extra),
+        Row("train_step", "learn (log-probs, update, sync)", learn["fused"], "train tokens/s", learn["eager"],
+            "eager log-probs + loss", config),
+        Row("train_step", "peak memory of learn", peak["fused"] / 2**20, "MiB", None, "", config,
+            {"eager_MiB": peak["eager"] / 2**20}),
+        Row("train_step", "memory ratio", peak["fused"] / peak["eager"], "fused / eager peak", None, "", config),
+    ]
