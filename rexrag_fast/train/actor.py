@@ -240,8 +240,8 @@ class ZeroActor:
     def compute_logprobs(self, batches: Sequence[PackedBatch]) -> list[torch.Tensor]:
         """Log-probs [T_i] (fp32, on the CPU) of each packed batch under the current weights, no gradient.
 
-        Collective under ZeRO-3: every rank must call it with the same number of batches (pad with a
-        repeat when shards differ)."""
+        Collective under ZeRO-3: every rank calls it; when ranks hold different numbers of batches the
+        shorter lists are padded with repeats internally (their results dropped)."""
         self.engine.eval()
         out = [self._forward(b)[0].cpu() for b, counts in equalise_across_ranks(batches, self.device) if counts]
         self.engine.train()
