@@ -153,39 +153,6 @@ def _probe_rows(model, s: dict, config: str, sync, progress: Progress) -> list[R
     ]
 
 
-def _smollm2_tokenizer():
-    """The SmolLM2 tokenizer, from a converted copy in the rexrag_fast cache when there is one.
-
-    Building it from the GGUF file parses ~100 MB (10-20 s on a busy CPU, most of this stage's REX-RAG part);
-    the first call saves the converted fast tokenizer (tokenizer.json, config, chat template) under a key of
-    the GGUF file's size and mtime and the transformers version, so later runs load it in about a second.
-    """
-    import shutil
-    import tempfile
-
-    import transformers
-    from transformers import AutoTokenizer
-
-    from rexrag_fast.data.world import default_cache_dir
-    from rexrag_fast.engine.models import SMOLLM2_GGUF, smollm2_dir
-
-    st = (smollm2_dir() / SMOLLM2_GGUF).stat()
-    cached = default_cache_dir() / f"smollm2-tokenizer-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}"
-    if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = load_smollm2_tokenizer()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent)
-    try:
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, cached)  # atomic: a concurrent run sees the whole copy or none
-    except OSError:
-        pass  # another run saved it first (or the cache is read-only): keep the tokenizer loaded here
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer
-
-
 def _top_title(traj: Trajectory, tokenizer) -> str:
     """Title of the top passage in the trajectory's last `<information>` block."""
     text = tokenizer.decode(traj.token_ids[traj.prompt_len:], skip_special_tokens=True)
@@ -332,7 +299,7 @@ def run(preset: str, progress: Progress) -> list[Row]:
         rows += _probe_rows(model, s, probe_config, sync, progress)
         del model
         progress("probe (REX-RAG): loading the SmolLM2 tokenizer")
-        tokenizer = _smollm2_tokenizer()
+        tokenizer = load_smollm2_tokenizer()
         r = REXRAG[preset]
         if cuda:
             with torch.device("cuda"):

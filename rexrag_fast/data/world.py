@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rexrag_fast.paths import default_cache_dir
+
 # Part of the cache directory name: bump it whenever the generator's output changes, so stale caches are not reused.
 WORLD_FORMAT_VERSION = 2
 
@@ -166,12 +168,6 @@ def generate_world(config: WorldConfig | None = None, **overrides: Any) -> World
     documents = [_document(kind, e) for kind in ("country", "city", "company", "person") for e in entities[kind]]
     questions = _questions(entities, config, rng)
     return World(config, entities, documents, questions)
-
-
-def default_cache_dir() -> Path:
-    """$REXRAG_CACHE, else ~/.cache/rexrag_fast."""
-    env = os.environ.get("REXRAG_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rexrag_fast"
 
 
 def default_world_dir(seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from rexrag_fast.paths import default_cache_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,10 +36,30 @@ def smollm2_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def load_smollm2_tokenizer() -> Any:
-    """The SmolLM2 tokenizer (49152 tokens, EOS id 2), loaded once per process."""
+    """The SmolLM2 tokenizer (49152 tokens, EOS id 2), loaded once per process.
+
+    Converting it from the GGUF file parses ~100 MB (10-20 s on a busy CPU), so the first call saves the
+    converted fast tokenizer under the cache dir, keyed by the GGUF file's size and mtime and the transformers
+    version; later processes load that copy in about a second.
+    """
+    import transformers
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
+    st = (smollm2_dir() / SMOLLM2_GGUF).stat()
+    cached = default_cache_dir() / f"smollm2-tokenizer-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}"
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent)
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, cached)  # atomic: a concurrent process sees the whole copy or none
+    except OSError:
+        pass  # another process saved it first, or the cache is read-only: keep the one loaded here
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=1)
