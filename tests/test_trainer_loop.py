@@ -228,6 +228,10 @@ def test_rexrag_step_with_probes(tmp_path: Path) -> None:
         assert math.isfinite(m[key]), key
     assert m["actor/pg_loss"] != 0.0  # rewards differ inside every group: a real policy gradient
     assert all(result["changed"].values())
+    grpo = result["grpo"]
+    assert grpo["batch/train_sequences"] == originals and not any(k.startswith("rexrag/") for k in grpo)
+    assert grpo["reward/mean"] == pytest.approx(0.5) and math.isfinite(grpo["actor/loss"])
+    assert grpo["actor/pg_loss"] != 0.0
 
 
 @pytest.mark.slow

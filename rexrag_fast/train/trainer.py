@@ -542,11 +542,12 @@ class RLTrainer:
         t0 = time.perf_counter()
         batch.old_logprobs = self._packed_logprobs(self.actor, batch.trajs)
         m["time/old_logprob_s"] = time.perf_counter() - t0
-        masks = _loss_masks(batch.trajs)
-        # Engine sampling log-probs vs the actor's recomputation (temperature-scaled both): a weight-sync check.
+        # Engine sampling log-probs vs the actor's recomputation (temperature-scaled both) on sampled tokens:
+        # equal up to float noise when the engine runs the actor's weights, so it checks the weight sync.
+        sampled = [torch.tensor(t.components) == Component.RESPONSE for t in batch.trajs]
         diff = sum(float(((torch.tensor(t.logprobs) - lp).abs() * mk).sum())
-                   for t, lp, mk in zip(batch.trajs, batch.old_logprobs, masks))
-        m["count/response_tokens_all"] = float(sum(int(mk.sum()) for mk in masks))
+                   for t, lp, mk in zip(batch.trajs, batch.old_logprobs, sampled))
+        m["count/response_tokens_all"] = float(sum(int(mk.sum()) for mk in sampled))
         m["sum/rollout_logprob_abs_diff"] = diff
 
         alpha = 0.0
@@ -594,7 +595,8 @@ class RLTrainer:
         out["reward/mean"] = tot["sum/reward"] / n_orig
         out["reward/em"] = out["reward/mean"]  # the reward is exact match
         probes = tot["count/probes_made"]
-        out["rexrag/probes_made"] = probes
+        if self.rexrag:
+            out["rexrag/probes_made"] = probes
         if probes:
             out["reward/probe_mean"] = tot["sum/probe_reward"] / probes
         out["rollout/searches_mean"] = tot["sum/searches"] / n_orig

@@ -6,8 +6,9 @@ A random tiny model never answers, so the originals are written here: for each o
 (n_agent = 2) one trajectory answers with the first golden answer (reward 1) and one with a wrong answer
 (reward 0). `RLTrainer.explore` then forks probes from the dead ends (revision_prob 100) and runs them on
 the engine with the real retriever, and `RLTrainer.learn` does the rest of the step (old and reference
-log-probs, filter with keep_ratio 1, policy correction, ZeRO-3 update, weight sync). Rank 0 writes
-DIR/result.json: the step's metrics, the probes made on each rank, and which parameters changed.
+log-probs, filter with keep_ratio 1, policy correction, ZeRO-3 update, weight sync); a second step on the
+same originals runs as plain GRPO. Rank 0 writes DIR/result.json: both steps' metrics, the probes made on
+each rank, and which parameters the REX-RAG step changed.
 """
 
 from __future__ import annotations
@@ -66,12 +67,17 @@ def main() -> int:
               zip(batch.trajs, batch.group_ids, batch.is_probe) if p]
     metrics = trainer.learn(batch, rollout_m)
     after = trainer.actor.gathered_state_dict()
+    # The same originals once more with algorithm.name = grpo: no probes, no correction (alpha 0).
+    trainer.cfg.algorithm.name = "grpo"
+    trainer.rexrag = False
+    grpo = trainer.learn(StepBatch.originals(trajs, t_golds, t_groups))
     all_probes = du.gather_objects({"rank": du.get_rank(), "probes": probes, "originals": len(trajs),
                                     "rewards": batch.rewards, "groups": batch.group_ids})
     if du.is_main():
         changed = {k: not torch.equal(before[k], after[k]) for k in before}
         with open(os.path.join(args.out, "result.json"), "w") as f:
-            json.dump({"metrics": metrics, "ranks": all_probes, "changed": changed}, f, default=float)
+            json.dump({"metrics": metrics, "grpo": grpo, "ranks": all_probes, "changed": changed}, f,
+                      default=float)
     du.destroy_process_group()
     return 0
 
