@@ -1,0 +1,256 @@
+"""`rexrag-fast demo`: the embedded default run, on a CPU, no downloads: warm start, then GRPO vs REX-RAG.
+
+    rexrag-fast demo [--seeds 0 1 2] [--steps N] [--out DIR] [--quick] [--model small|smollm2]
+
+1. demonstrations (`demonstrations.make_demonstrations`) of the embedded world's train questions, read
+   through the real in-process retriever;
+2. warm start (`warm_start.train_warm_start`) of the policy on them, saved as an HF checkpoint in the cache
+   under a content hash of (model, demonstrations, warm-start config), so a rerun skips it;
+3. EM of the warm start on the held-out test questions (greedy agent loop);
+4. for each seed, `steps` RL steps with algorithm.name=grpo and with algorithm.name=rexrag from the same
+   warm start (configs/demo_cpu.yaml through `rexrag-fast train`, one subprocess per run, --resume: an
+   interrupted run continues from its checkpoint when the demo is run again), then EM of each final model;
+5. a table, <out>/demo.json and <out>/demo.png (training reward per step for both methods; held-out EM
+   before and after).
+
+Default model ("small"): a 2-layer Qwen2 (hidden 128) with SmolLM2's tokenizer. SmolLM2-135M-Instruct
+(`--model smollm2`) is the real model but one forward/backward over a batch of rollouts takes minutes on two
+CPU cores, so it cannot learn within the ~15 minute budget; the small model can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+SMALL_MODEL: dict[str, Any] = {"arch": "qwen2", "hidden_size": 128, "intermediate_size": 384,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "max_position_embeddings": 2048, "tie_word_embeddings": True}
+METHODS = ("grpo", "rexrag")
+
+
+def default_config_path() -> Path:
+    """configs/demo_cpu.yaml of the source tree."""
+    return Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
+
+
+def build_model(name: str, tokenizer: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """(fresh fp32 model, its description for the cache key) for --model 'small' or 'smollm2'."""
+    import copy
+
+    from rexrag_fast.engine.models import load_smollm2, tiny_model
+
+    if name == "smollm2":
+        return copy.deepcopy(load_smollm2()[0]), {"name": "smollm2-135m"}
+    if name == "small":
+        spec = dict(SMALL_MODEL)
+        arch = spec.pop("arch")
+        return tiny_model(arch, vocab_size=len(tokenizer), seed=seed, **spec), {"name": "small", **SMALL_MODEL,
+                                                                                  "seed": seed}
+    raise ValueError(f"--model must be 'small' or 'smollm2', got {name!r}")
+
+
+def eval_em(model_dir: Path, examples: list[Any], retriever: Any, cfg: Any, progress: bool) -> float:
+    """Greedy EM of the checkpoint in `model_dir` on `examples` with the config's agent limits."""
+    import torch
+
+    from rexrag_fast.agent.eval_command import evaluate
+    from rexrag_fast.engine import EngineConfig, LLMEngine
+    from rexrag_fast.engine.models import load_pretrained
+    from rexrag_fast.train.trainer import agent_config
+
+    model, tokenizer = load_pretrained(model_dir, dtype=torch.float32)
+    agent = agent_config(cfg, seed=0)
+    agent = type(agent)(**{**agent.__dict__, "temperature": 0.0})
+    engine = LLMEngine(model, tokenizer=tokenizer, config=EngineConfig(num_blocks=2048, block_size=16,
+                                                                       max_num_seqs=32, device="cpu"))
+    records = evaluate(engine, retriever, examples, agent, tokenizer=tokenizer, batch_size=32, progress=progress)
+    return sum(r.em for r in records) / len(records)
+
+
+def run_rl(config_path: Path, warm_dir: Path, method: str, seed: int, steps: int, out_dir: Path) -> int:
+    """One RL run through `rexrag-fast train --resume` in a subprocess; returns its exit status.
+
+    Ctrl-C reaches the child too (same process group): the trainer checkpoints and exits; the demo waits."""
+    cmd = [sys.executable, "-m", "rexrag_fast.cli", "train", "--config", str(config_path), "--resume",
+           f"model.path={warm_dir}", f"algorithm.name={method}", f"trainer.seed={seed}",
+           f"trainer.max_steps={steps}", f"trainer.output_dir={out_dir}"]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
+
+
+def summarize_run(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-run figures from the trainer's metrics.jsonl rows."""
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in metrics if isinstance(r.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    def total(key: str) -> float:
+        return float(sum(r.get(key, 0) or 0 for r in metrics))
+
+    return {
+        "reward": [r.get("reward/mean") for r in metrics],
+        "steps": [r["step"] for r in metrics],
+        "probes_made": total("rexrag/probes_made"),
+        "probes_kept": total("rexrag/probes_kept"),
+        "probe_cached_tokens": total("rexrag/probe_cached_tokens"),
+        "tokens_per_s": {k.split("/", 1)[1]: mean(k) for k in sorted({k for r in metrics for k in r})
+                         if k.startswith("throughput/")},
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text table: one row per (method, seed), then the per-method means."""
+    lines = [f"held-out EM before RL (warm start): {100 * result['em_before']:.1f}%  "
+             f"({result['n_eval']} test questions)",
+             f"{'method':<8} {'seed':>4} {'EM after':>9} {'reward 1st':>10} {'reward last':>11} {'probes':>7} "
+             f"{'kept':>5} {'prefill saved':>13} {'rollout tok/s':>13} {'update tok/s':>12}",
+             "-" * 100]
+    for run in result["runs"]:
+        rw = [x for x in run["reward"] if x is not None]
+        tps = run["tokens_per_s"]
+        lines.append(f"{run['method']:<8} {run['seed']:>4} {100 * run['em_after']:8.1f}% "
+                     f"{rw[0] if rw else float('nan'):10.3f} {rw[-1] if rw else float('nan'):11.3f} "
+                     f"{run['probes_made']:7.0f} {run['probes_kept']:5.0f} {run['probe_cached_tokens']:13.0f} "
+                     f"{tps.get('rollout_tokens_per_s') or 0:13.1f} {tps.get('update_tokens_per_s') or 0:12.1f}")
+    lines.append("-" * 100)
+    for method in METHODS:
+        runs = [r for r in result["runs"] if r["method"] == method]
+        if runs:
+            em = sum(r["em_after"] for r in runs) / len(runs)
+            lines.append(f"{method:<8} mean EM after RL over {len(runs)} seed(s): {100 * em:.1f}% "
+                         f"(before: {100 * result['em_before']:.1f}%)")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], png: Path) -> Path:
+    """Training reward per step (both methods, every seed) and held-out EM before/after RL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"grpo": "tab:blue", "rexrag": "tab:red"}
+    for run in result["runs"]:
+        pts = [(s, r) for s, r in zip(run["steps"], run["reward"]) if r is not None]
+        if pts:
+            ax_r.plot(*zip(*pts), color=colors[run["method"]], alpha=0.8, label=f"{run['method']} seed {run['seed']}")
+        ax_e.plot([0, max(run["steps"] or [0])], [result["em_before"], run["em_after"]], marker="o",
+                  color=colors[run["method"]], alpha=0.8, label=f"{run['method']} seed {run['seed']}")
+    ax_r.set(xlabel="RL step", ylabel="training reward (EM of rollouts)", title="reward")
+    ax_e.set(xlabel="RL step", ylabel="held-out EM (greedy)", title="EM before / after RL")
+    for ax in (ax_r, ax_e):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="RL seeds (each runs GRPO and REX-RAG)")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 20, --quick 4)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: fewer demonstrations, steps and eval questions")
+    parser.add_argument("--model", default="small", choices=["small", "smollm2"], help="policy to warm-start")
+    parser.add_argument("--config", type=Path, default=None, help="RL config (default configs/demo_cpu.yaml)")
+    parser.add_argument("--warm-steps", type=int, default=None,
+                        help="warm-start optimizer steps (default 300, --quick 60)")
+    parser.add_argument("--n-demos", type=int, default=None, help="train questions to demonstrate (default 512)")
+    parser.add_argument("--n-eval", type=int, default=None, help="held-out questions scored (default 100, --quick 32)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rexrag_fast.data.datasets import load_world_split
+    from rexrag_fast.data.world import World, default_cache_dir, default_world_dir
+    from rexrag_fast.engine.models import load_smollm2_tokenizer
+    from rexrag_fast.retrieval import LocalRetriever
+    from rexrag_fast.train.config import load_config
+    from rexrag_fast.train.demonstrations import make_demonstrations
+    from rexrag_fast.train.warm_start import WarmStartConfig, save_checkpoint_dir, train_warm_start, warm_start_key
+
+    steps = args.steps if args.steps is not None else (4 if args.quick else 20)
+    warm_steps = args.warm_steps if args.warm_steps is not None else (60 if args.quick else 300)
+    n_demos = args.n_demos if args.n_demos is not None else (128 if args.quick else 512)
+    n_eval = args.n_eval if args.n_eval is not None else (32 if args.quick else 100)
+    for name, value in (("--steps", steps), ("--warm-steps", warm_steps), ("--n-demos", n_demos), ("--n-eval", n_eval)):
+        if value < 1:
+            raise SystemExit(f"{name} must be >= 1, got {value}")
+    progress = not args.no_progress
+    config_path = args.config or default_config_path()
+    cfg = load_config(config_path)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    world_dir = default_world_dir()
+    world = World.load(world_dir)
+    tokenizer = load_smollm2_tokenizer()
+    retriever = LocalRetriever.for_world(world_dir, progress=progress)
+
+    demos = make_demonstrations(world.split("train")[:n_demos], world, retriever, tokenizer, topk=cfg.retriever.topk,
+                                max_obs_tokens=cfg.data.max_obs_length, max_start_length=cfg.data.max_start_length)
+    print(f"demonstrations: {len(demos.demos)} kept, {len(demos.skipped)} skipped (retrieval missed a needed "
+          f"fact; coverage {100 * demos.coverage:.1f}%)", flush=True)
+    ws_cfg = WarmStartConfig(steps=warm_steps)
+    model, spec = build_model(args.model, tokenizer)
+    key = warm_start_key(spec, demos.content_hash(), ws_cfg)
+    warm_dir = default_cache_dir() / f"warm_start-{key}"
+    if (warm_dir / "config.json").is_file():
+        print(f"warm start: cached {warm_dir}", flush=True)
+        info = json.loads((warm_dir / "warm_start.json").read_text())
+    else:
+        losses = train_warm_start(model, [d.trajectory for d in demos.demos], ws_cfg, progress=progress)
+        info = {"model": spec, "config": ws_cfg.__dict__, "losses": losses, "demos": len(demos.demos),
+                "skipped": len(demos.skipped)}
+        save_checkpoint_dir(model, tokenizer, warm_dir, info)
+        print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f}; saved {warm_dir}", flush=True)
+    del model
+
+    test = load_world_split("test")[:n_eval]
+    em_before = eval_em(warm_dir, test, retriever, cfg, progress)
+    print(f"held-out EM of the warm start: {100 * em_before:.1f}%", flush=True)
+
+    from rexrag_fast.train.metrics import read_metrics
+
+    result: dict[str, Any] = {"model": spec, "warm_start_dir": str(warm_dir), "warm_start_losses": info["losses"],
+                              "demonstrations": len(demos.demos), "skipped": len(demos.skipped),
+                              "n_eval": len(test), "em_before": em_before, "steps": steps, "seeds": args.seeds,
+                              "config": str(config_path), "runs": []}
+    try:
+        for seed in args.seeds:
+            for method in METHODS:
+                run_dir = out / f"{method}-seed{seed}"
+                rc = run_rl(config_path, warm_dir, method, seed, steps, run_dir)
+                if rc != 0:
+                    print(f"rexrag-fast demo: the {method} run (seed {seed}) exited with status {rc}", file=sys.stderr)
+                    return rc
+                metrics = read_metrics(run_dir / "metrics.jsonl")
+                em_after = eval_em(run_dir / "final", test, retriever, cfg, progress)
+                result["runs"].append({"method": method, "seed": seed, "em_after": em_after,
+                                       **summarize_run(metrics)})
+                print(f"{method} seed {seed}: held-out EM {100 * em_before:.1f}% -> {100 * em_after:.1f}%", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted: each RL run keeps its checkpoint; run the same command again to resume", file=sys.stderr)
+        return 130
+    table = format_table(result)
+    print(table)
+    (out / "demo.json").write_text(json.dumps(result, indent=1))
+    (out / "demo.txt").write_text(table + "\n")
+    png = plot(result, out / "demo.png")
+    print(f"wrote {out / 'demo.json'}, {out / 'demo.txt'}, {png}", file=sys.stderr)
+    return 0
