@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rexrag_fast.retrieval.serve_command", "serve an index over HTTP (Search-R1 POST /retrieve)"),
     "eval": ("rexrag_fast.agent.eval_command", "EM/F1 of the search agent per data_source on QA files"),
     "train": ("rexrag_fast.train.train_command", "REX-RAG / GRPO RL training on DeepSpeed ZeRO-3 from a YAML config"),
+    "demo": ("rexrag_fast.train.demo_command", "embedded CPU demo: warm start, then GRPO vs REX-RAG, table and plots"),
 }
 
 
