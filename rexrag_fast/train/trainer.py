@@ -116,7 +116,9 @@ def load_policy(cfg: Config) -> tuple[torch.nn.Module, Any]:
     else:
         raise ValueError(f"model.path: expected {SMOLLM2!r}, {TINY_MODEL!r} or a Hugging Face model directory, "
                          f"got {path!r} (not a directory)")
-    return model.float().train(), tokenizer
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()  # the GGUF SmolLM2 is de-quantised to fp32 already (and refuses .float())
+    return model.train(), tokenizer
 
 
 def check_retriever(url: str, timeout_s: float) -> None:
