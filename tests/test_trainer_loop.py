@@ -4,7 +4,8 @@ In process: the data stream, mini-batch splitting, the agent limits, config erro
 retriever through the CLI (both end before any model is loaded). Then REAL 2-process DeepSpeed ZeRO-3 runs
 on the CPU (gloo) through torchrun, of a tiny random Qwen2 (SmolLM2 tokenizer) on the embedded world with
 its in-process retriever: the `rexrag-fast train` command for two steps; slow: one REX-RAG step with probes
-on answered originals (tests/dist_scripts/trainer_rexrag_step.py) and an exact resume.
+on answered originals (tests/dist_scripts/trainer_rexrag_step.py), an exact resume, and SIGTERM to one rank
+followed by a resume that ends where the uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,6 +252,55 @@ def test_resume_repeats_the_uninterrupted_run(two_step_run: tuple[Path, str], tm
     for key in ("actor/loss", "actor/grad_norm", "actor/kl", "actor/entropy", "reward/mean", "batch/train_tokens",
                 "rollout/response_len_mean", "rexrag/keep_ratio"):
         assert got[0][key] == want[key], (key, got[0][key], want[key])
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_resume_matches(two_step_run: tuple[Path, str], tmp_path: Path) -> None:
+    """SIGTERM to one rank during training: every rank stops after the same step with a checkpoint; the
+    resumed run then ends with the uninterrupted run's metrics and weights."""
+    full, _ = two_step_run
+    run = tmp_path / "killed"
+    run.mkdir()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=os.path.expanduser("~/.cache/rexrag_fast/torch_extensions"))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "rexrag_fast.cli", "train", "--config", str(TINY_CPU), f"trainer.output_dir={run}", *TINY_RUN,
+           "trainer.max_steps=3", "trainer.save_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        for _ in range(2 * RUN_TIMEOUT_S):  # poll until step 1 is logged (or the run dies)
+            if proc.poll() is not None or (metrics.exists() and read_metrics(metrics)):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the run ended before step 1 was logged:\n{proc.stderr.read()[-6000:]}"
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the all-reduce
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-6000:]
+    stopped = re.search(r"stopped by signal after step (\d+)", stdout)
+    assert stopped, stdout[-3000:]
+    k = int(stopped.group(1))
+    assert k in (1, 2)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{k:06d}"]
+    assert not (run / "final").exists()
+    assert "finished at step 2" in _train(run, "--resume").stdout
+    want, got = read_metrics(full / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2]
+    for w, g in zip(want, got):
+        for key in ("actor/loss", "actor/grad_norm", "actor/kl", "actor/entropy", "reward/mean",
+                    "batch/train_tokens"):
+            assert g[key] == w[key], (w["step"], key, g[key], w[key])
     from safetensors.torch import load_file
 
     a, b = load_file(full / "final" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
