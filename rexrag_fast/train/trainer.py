@@ -3,7 +3,8 @@
 One RL step on every rank (`RLTrainer.step`), in the order of docs/DESIGN.md:
 
     questions   = the next data.train_batch_size prompts of the seeded data stream; this rank keeps its
-                  contiguous shard (`distributed.shard_batch`), so whole GRPO groups live on one rank
+                  contiguous shard (`distributed.shard_batch`), so whole GRPO groups live on one rank;
+                  prompt tokens are cut to data.max_start_length (keeping the end, where the question is)
     rollouts    = run_agent_loop(engine, retriever, each prompt x rollout.n_agent)       current weights
     rewards     = exact match of each trajectory's <answer> against the golden answers
     REX-RAG     (algorithm.name = rexrag; plain GRPO skips this block)
@@ -12,7 +13,8 @@ One RL step on every rank (`RLTrainer.step`), in the order of docs/DESIGN.md:
     old lp      = actor.compute_logprobs(packed trajectories)    recomputed by the actor, as verl does
                   REX-RAG: select_trajectories keeps every original and the best-ranked probes within
                   keep_probe_count(keep_ratio EMA); probe_logprobs (log mu) and alpha = kept probes /
-                  kept batch, with err = 1 - accuracy of the originals, both over ALL ranks
+                  kept batch, with err = 1 - accuracy of the originals, both over ALL ranks; then the
+                  keep-ratio EMA folds in the accuracy of the kept probes
     ref lp      = reference.compute_logprobs(...)                 when algorithm.use_kl_loss
     advantages  = sequence_advantages(rewards, group ids)         per group (probes join their source's)
     update      = actor.update(mini-batches of whole groups, each packed into varlen micro-batches under
@@ -28,6 +30,10 @@ function of (seed, epoch), and the rollout sampling seeds and the dead-end / pro
 (seed, step, rank, purpose). So a run resumed from the checkpoint of step k (weights, optimizer, data
 position, keep-ratio average) repeats steps k+1.. of the uninterrupted run exactly on the CPU.
 
+Output under trainer.output_dir: config.yaml (the resolved config), metrics.jsonl, tensorboard/, curves.png,
+checkpoints/step_NNNNNN/ (the newest trainer.keep_last), and final/ (the trained weights as a Hugging Face
+model directory with its tokenizer, for `rexrag-fast eval --model DIR`) when the run reaches max_steps.
+
 Model names for model.path besides a Hugging Face directory: `smollm2-135m` (the embedded real model) and
 `tiny-qwen2` (a random 2-layer Qwen2 with the SmolLM2 tokenizer, seeded by trainer.seed; for tests and
 benchmarks of the machinery, it never answers correctly).
@@ -36,7 +42,6 @@ benchmarks of the machinery, it never answers correctly).
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
 import socket
@@ -65,8 +70,6 @@ from rexrag_fast.train.packing import (
     scatter_back,
 )
 from rexrag_fast.train.signals import GracefulStop
-
-log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny-qwen2"
 SMOLLM2 = "smollm2-135m"
