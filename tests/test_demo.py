@@ -1,0 +1,264 @@
+"""The embedded demo: world demonstrations (format, answers, masks), the warm start, the demo command's outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from rexrag_fast.agent.actions import extract_answer, parse_action
+from rexrag_fast.agent.loop import INFORMATION_TEMPLATE
+from rexrag_fast.agent.reward import exact_match
+from rexrag_fast.agent.template import encode_prompt
+from rexrag_fast.agent.trajectory import Component
+from rexrag_fast.retrieval import format_passages
+from rexrag_fast.testing import assert_close
+from rexrag_fast.train.demonstrations import make_demonstrations
+from rexrag_fast.train.warm_start import (
+    WarmStartConfig,
+    masked_nll,
+    save_checkpoint_dir,
+    train_warm_start,
+    warm_start_key,
+)
+
+N_QUESTIONS = 24
+
+
+@pytest.fixture(scope="module")
+def world():
+    from rexrag_fast.data.world import World, default_world_dir
+
+    return World.load(default_world_dir())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from rexrag_fast.engine.models import load_smollm2_tokenizer
+
+    return load_smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    from rexrag_fast.retrieval import LocalRetriever
+
+    return LocalRetriever.for_world()
+
+
+@pytest.fixture(scope="module")
+def demo_set(world, retriever, tokenizer):
+    return make_demonstrations(world.split("train")[:N_QUESTIONS], world, retriever, tokenizer, topk=3,
+                               max_obs_tokens=128, max_start_length=256)
+
+
+def _tiny(tokenizer, seed=0):
+    from rexrag_fast.engine.models import tiny_model
+
+    return tiny_model("qwen2", vocab_size=len(tokenizer), seed=seed, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+
+
+# ---------------------------------------------------------------------------------------------- demonstrations
+
+
+def test_demonstrations_cover_questions_in_order(demo_set, world):
+    qs = world.split("train")[:N_QUESTIONS]
+    kept = [d.question["id"] for d in demo_set.demos]
+    assert len(kept) + len(demo_set.skipped) == N_QUESTIONS
+    assert [q["id"] for q in qs if q["id"] not in set(demo_set.skipped)] == kept
+    # the default world's retriever finds supporting documents by name for nearly every question
+    assert demo_set.coverage >= 0.8
+
+
+def test_demonstration_format_answers_and_masks(demo_set, world, retriever, tokenizer):
+    names = {e["doc_id"]: e["name"] for es in world.entities.values() for e in es}
+    for d in demo_set.demos:
+        t, q = d.trajectory, d.question
+        t.check()
+        assert t.status == "answer" and t.done
+        # the prompt is the agent's prompt for the question (the trainer keeps the last 256 tokens)
+        assert t.token_ids[: t.prompt_len] == encode_prompt(q["question"], tokenizer)[-256:]
+        # one search per supporting document, by entity name, then one answer turn
+        assert d.queries == [names[doc] for doc in q["supporting_docs"]]
+        assert [turn.action for turn in t.turns] == ["search"] * len(d.queries) + ["answer"]
+        for turn, query in zip(t.turns, d.queries):
+            text = tokenizer.decode(t.token_ids[turn.start:turn.end])
+            action = parse_action(text)
+            assert action.is_search and action.content == query == turn.content
+            assert text.startswith("<think>") and text.endswith("</search>")
+        last = t.turns[-1]
+        assert parse_action(tokenizer.decode(t.token_ids[last.start:last.end])).is_answer
+        # the answer, as the reward extracts it, matches a golden answer
+        assert exact_match(extract_answer(t.response_text(tokenizer)), q["golden_answers"]) == 1.0
+        assert exact_match(t.answer, q["golden_answers"]) == 1.0
+        # turns are RESPONSE tokens; between them exactly the observation the agent loop would insert
+        for turn in t.turns:
+            assert set(t.components[turn.start:turn.end]) == {int(Component.RESPONSE)}
+        results = retriever.retrieve(d.queries, topk=3)
+        for turn, nxt, result in zip(t.turns, t.turns[1:], results):
+            expected = tokenizer.encode(INFORMATION_TEMPLATE.format(format_passages(result).strip()),
+                                        add_special_tokens=False)[:128]
+            assert t.token_ids[turn.end:nxt.start] == expected
+            assert set(t.components[turn.end:nxt.start]) == {int(Component.INFORMATION)}
+        assert t.turns[-1].end == len(t)
+        # the loss mask is exactly the model-written tokens
+        assert t.loss_mask == [c == int(Component.RESPONSE) for c in t.components]
+        assert 0 < sum(t.loss_mask) < len(t) - t.prompt_len
+
+
+def test_question_types_and_hops(demo_set):
+    hops = {"1hop": 1, "2hop": 2, "comparison": 2}
+    assert {d.question["type"] for d in demo_set.demos} >= {"1hop", "2hop"}
+    for d in demo_set.demos:
+        assert d.trajectory.num_searches == hops[d.question["type"]]
+
+
+def test_questions_are_skipped_when_the_observation_lacks_the_fact(world, retriever, tokenizer):
+    # 6 observation tokens cannot hold the passage that names the next entity or the answer
+    qs = world.split("train")[:6]
+    out = make_demonstrations(qs, world, retriever, tokenizer, topk=1, max_obs_tokens=6)
+    assert out.demos == [] and out.skipped == [q["id"] for q in qs] and out.coverage == 0.0
+
+
+def test_content_hash_tracks_the_tokens(demo_set, world, retriever, tokenizer):
+    again = make_demonstrations(world.split("train")[:N_QUESTIONS], world, retriever, tokenizer, topk=3,
+                                max_obs_tokens=128, max_start_length=256)
+    assert again.content_hash() == demo_set.content_hash()
+    shorter = make_demonstrations(world.split("train")[:N_QUESTIONS], world, retriever, tokenizer, topk=3,
+                                  max_obs_tokens=100, max_start_length=256)
+    assert shorter.content_hash() != demo_set.content_hash()
+
+
+def test_bad_supporting_docs_are_rejected(world, retriever, tokenizer):
+    q = dict(world.split("train")[0], supporting_docs=["person-999999"])
+    with pytest.raises(ValueError, match="person-999999"):
+        make_demonstrations([q], world, retriever, tokenizer)
+    with pytest.raises(ValueError, match="max_obs_tokens"):
+        make_demonstrations([], world, retriever, tokenizer, max_obs_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------- warm start
+
+
+def test_masked_nll_is_the_mean_nll_of_model_written_tokens(demo_set, tokenizer):
+    model = _tiny(tokenizer)
+    trajs = [d.trajectory for d in demo_set.demos[:2]]
+    got = masked_nll(model, trajs)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in trajs:
+            ids = torch.tensor(t.token_ids)
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+            target = torch.tensor(t.loss_mask[1:])
+            nll = -logp[:-1].gather(1, ids[1:, None])[:, 0]
+            total += float(nll[target].sum())
+            count += int(target.sum())
+    assert_close(got.detach(), torch.tensor(total / count, dtype=torch.float32), torch.float32, name="masked_nll")
+    # information and prompt tokens carry no loss: changing them changes the loss only through the context
+    assert count == sum(sum(t.loss_mask) for t in trajs)
+
+
+def test_warm_start_loss_falls(demo_set, tokenizer):
+    model = _tiny(tokenizer)
+    trajs = [d.trajectory for d in demo_set.demos[:4]]
+    before = float(masked_nll(model, trajs).detach())
+    losses = train_warm_start(model, trajs, WarmStartConfig(steps=8, batch_size=2, lr=1e-2, warmup_steps=0))
+    after = float(masked_nll(model, trajs).detach())
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert after < 0.8 * before, (before, after, losses)
+    assert not model.training
+
+
+def test_warm_start_is_deterministic(demo_set, tokenizer):
+    trajs = [d.trajectory for d in demo_set.demos[:3]]
+    cfg = WarmStartConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, seed=7)
+    a, b = _tiny(tokenizer), _tiny(tokenizer)
+    assert train_warm_start(a, trajs, cfg) == train_warm_start(b, trajs, cfg)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_checkpoint_dir_loads_back(demo_set, tokenizer, tmp_path):
+    from rexrag_fast.engine.models import load_pretrained
+
+    model = _tiny(tokenizer)
+    out = save_checkpoint_dir(model, tokenizer, tmp_path / "ws", info={"losses": [1.0]})
+    assert json.loads((out / "warm_start.json").read_text()) == {"losses": [1.0]}
+    assert not list(tmp_path.glob(".ws.tmp-*"))
+    loaded, tok = load_pretrained(out, dtype=torch.float32)
+    assert tok.encode("<search> Trostym </search>") == tokenizer.encode("<search> Trostym </search>")
+    ids = torch.tensor(demo_set.demos[0].trajectory.token_ids[:64])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids[None]).logits, model(input_ids=ids[None]).logits)
+    # saving again replaces the directory
+    save_checkpoint_dir(model, tokenizer, out)
+    assert not (out / "warm_start.json").exists()
+
+
+def test_warm_start_key_and_config_checks():
+    base = warm_start_key({"name": "small"}, "abc", WarmStartConfig())
+    assert base == warm_start_key({"name": "small"}, "abc", WarmStartConfig())
+    assert base != warm_start_key({"name": "small"}, "abd", WarmStartConfig())
+    assert base != warm_start_key({"name": "small"}, "abc", WarmStartConfig(steps=7))
+    assert base != warm_start_key({"name": "smollm2-135m"}, "abc", WarmStartConfig())
+    with pytest.raises(ValueError, match="steps"):
+        WarmStartConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        WarmStartConfig(lr=0.0)
+    with pytest.raises(ValueError, match="no demonstration"):
+        train_warm_start(torch.nn.Linear(2, 2), [], WarmStartConfig())
+
+
+# ---------------------------------------------------------------------------------------------- demo command
+
+
+def test_demo_summary_table_and_plot(tmp_path):
+    from rexrag_fast.train.demo_command import format_table, plot, summarize_run
+
+    rows = [{"step": s, "reward/mean": r, "rexrag/probes_made": p, "rexrag/probes_kept": k,
+             "rexrag/probe_cached_tokens": c, "throughput/rollout_tokens_per_s": 10.0 * s}
+            for s, r, p, k, c in [(1, 0.25, 3, 1, 300), (2, 0.5, 2, 2, 200)]]
+    run = summarize_run(rows)
+    assert run["reward"] == [0.25, 0.5] and run["steps"] == [1, 2]
+    assert (run["probes_made"], run["probes_kept"], run["probe_cached_tokens"]) == (5.0, 3.0, 500.0)
+    assert run["tokens_per_s"]["rollout_tokens_per_s"] == 15.0
+    result = {"em_before": 0.1, "n_eval": 10, "runs": [
+        {"method": "grpo", "seed": 0, "em_after": 0.2, **summarize_run([{"step": 1, "reward/mean": 0.3}])},
+        {"method": "rexrag", "seed": 0, "em_after": 0.4, **run}]}
+    table = format_table(result)
+    assert "grpo" in table and "rexrag" in table and "40.0%" in table and "10.0%" in table
+    png = plot(result, tmp_path / "demo.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_arguments_are_checked(tmp_path):
+    from rexrag_fast.train.demo_command import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        run(args)
+    assert parser.parse_args([]).seeds == [0]
+    assert parser.parse_args(["--seeds", "0", "1", "2"]).seeds == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_short_demo_reward_rises(tmp_path):
+    """A shortened demo: warm start, then GRPO and REX-RAG; the training reward ends above where it began."""
+    from rexrag_fast.train.demo_command import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path), "--steps", "6", "--no-progress"])
+    assert run(args) == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert {r["method"] for r in result["runs"]} == {"grpo", "rexrag"}
+    assert (tmp_path / "demo.png").is_file()
+    for r in result["runs"]:
+        rewards = [x for x in r["reward"] if x is not None]
+        first, late = rewards[0], sum(rewards[-3:]) / 3
+        assert late > first, (r["method"], rewards)
