@@ -11,7 +11,9 @@ The learning part of the step (`RLTrainer.learn`: old and reference log-probs, R
 correction, ppo mini-batch updates on DeepSpeed ZeRO-3 in a 1-rank gloo/nccl group, weight sync into the
 engine) is timed per path; a full step = the shared rollout + that path's learning part, in trained tokens
 per second. Peak memory of the learning part: the CUDA allocator's peak on a GPU; on the CPU the peak of
-live tensor bytes counted per aten op by TensorMemoryTracker (deterministic, in a separate untimed call).
+live tensor bytes counted per aten op by TensorMemoryTracker (deterministic). Memory is measured in a first,
+untimed call (which also warms DeepSpeed up); the timed call repeats the same step on the same batch from
+the weights that call left.
 
 Presets: tiny = a random 2-layer Qwen2 with the SmolLM2 vocabulary (49152), 2 questions x 2 rollouts (it
 never answers, so the batch has no probes);
