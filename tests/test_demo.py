@@ -173,8 +173,8 @@ def test_warm_start_loss_falls(demo_set, tokenizer):
 
 
 def test_warm_start_is_deterministic(demo_set, tokenizer):
-    trajs = [d.trajectory for d in demo_set.demos[:3]]
-    cfg = WarmStartConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, seed=7)
+    trajs = sorted((d.trajectory for d in demo_set.demos), key=len)[:3]
+    cfg = WarmStartConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=1, seed=7)
     a, b = _tiny(tokenizer), _tiny(tokenizer)
     assert train_warm_start(a, trajs, cfg) == train_warm_start(b, trajs, cfg)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -262,3 +262,18 @@ def test_short_demo_reward_rises(tmp_path):
         rewards = [x for x in r["reward"] if x is not None]
         first, late = rewards[0], sum(rewards[-3:]) / 3
         assert late > first, (r["method"], rewards)
+
+
+def test_default_small_model_starts_near_uniform(demo_set, tokenizer):
+    import math
+
+    from rexrag_fast.train.demo_command import build_model
+
+    model, spec = build_model("small", tokenizer, seed=0)
+    assert spec["name"] == "small" and model.config.vocab_size == len(tokenizer)
+    trajs = sorted((d.trajectory for d in demo_set.demos), key=len)[:2]
+    with torch.no_grad():
+        loss = float(masked_nll(model, trajs))
+    assert abs(loss - math.log(len(tokenizer))) < 0.5, loss
+    with pytest.raises(ValueError, match="--model"):
+        build_model("large", tokenizer)
