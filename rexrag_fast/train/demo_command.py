@@ -172,15 +172,17 @@ def plot(result: dict[str, Any], png: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="RL seeds (each runs GRPO and REX-RAG)")
-    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 20, --quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 20, --quick 6)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: fewer demonstrations, steps and eval questions")
     parser.add_argument("--model", default="small", choices=["small", "smollm2"], help="policy to warm-start")
     parser.add_argument("--config", type=Path, default=None, help="RL config (default configs/demo_cpu.yaml)")
     parser.add_argument("--warm-steps", type=int, default=None,
-                        help="warm-start optimizer steps (default 300, --quick 60)")
-    parser.add_argument("--n-demos", type=int, default=None, help="train questions to demonstrate (default 512)")
+                        help="warm-start optimizer steps (default 400, --quick 200)")
+    parser.add_argument("--warm-lr", type=float, default=3e-3, help="warm-start peak learning rate")
+    parser.add_argument("--n-demos", type=int, default=None,
+                        help="train questions to demonstrate (default 1024, --quick 256)")
     parser.add_argument("--n-eval", type=int, default=None, help="held-out questions scored (default 100, --quick 32)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -194,9 +196,9 @@ def run(args: argparse.Namespace) -> int:
     from rexrag_fast.train.demonstrations import make_demonstrations
     from rexrag_fast.train.warm_start import WarmStartConfig, save_checkpoint_dir, train_warm_start, warm_start_key
 
-    steps = args.steps if args.steps is not None else (4 if args.quick else 20)
-    warm_steps = args.warm_steps if args.warm_steps is not None else (60 if args.quick else 300)
-    n_demos = args.n_demos if args.n_demos is not None else (128 if args.quick else 512)
+    steps = args.steps if args.steps is not None else (6 if args.quick else 20)
+    warm_steps = args.warm_steps if args.warm_steps is not None else (200 if args.quick else 400)
+    n_demos = args.n_demos if args.n_demos is not None else (256 if args.quick else 1024)
     n_eval = args.n_eval if args.n_eval is not None else (32 if args.quick else 100)
     for name, value in (("--steps", steps), ("--warm-steps", warm_steps), ("--n-demos", n_demos), ("--n-eval", n_eval)):
         if value < 1:
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                                 max_obs_tokens=cfg.data.max_obs_length, max_start_length=cfg.data.max_start_length)
     print(f"demonstrations: {len(demos.demos)} kept, {len(demos.skipped)} skipped (retrieval missed a needed "
           f"fact; coverage {100 * demos.coverage:.1f}%)", flush=True)
-    ws_cfg = WarmStartConfig(steps=warm_steps, batch_size=4 if args.quick else 8)
+    ws_cfg = WarmStartConfig(steps=warm_steps, batch_size=4 if args.quick else 8, lr=args.warm_lr)
     model, spec = build_model(args.model, tokenizer)
     key = warm_start_key(spec, demos.content_hash(), ws_cfg)
     warm_dir = default_cache_dir() / f"warm_start-{key}"
