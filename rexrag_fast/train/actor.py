@@ -243,7 +243,11 @@ class ZeroActor:
         Collective under ZeRO-3: every rank calls it; when ranks hold different numbers of batches the
         shorter lists are padded with repeats internally (their results dropped)."""
         self.engine.eval()
-        out = [self._forward(b)[0].cpu() for b, counts in equalise_across_ranks(batches, self.device) if counts]
+        out = []
+        for b, counts in equalise_across_ranks(batches, self.device):
+            lp = self._forward(b)[0].cpu()  # every rank runs every forward: ZeRO-3 gathers are collective
+            if counts:
+                out.append(lp)
         self.engine.train()
         return out
 

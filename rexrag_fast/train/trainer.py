@@ -443,11 +443,7 @@ class RLTrainer:
         """Per-token log-probs [L_i] of each trajectory under `policy` (actor or reference), collective."""
         ids = [t.token_ids for t in trajs]
         mbs = pack_micro_batches(ids, self.cfg.actor.max_tokens_per_micro_batch)
-        # ZeRO-3 forwards gather parameters collectively, and compute_logprobs wants the same number of
-        # batches on every rank: pad with repeats of the smallest, whose results are dropped.
-        most = max(du.gather_objects(len(mbs)))
-        padded = mbs + [min(mbs, key=lambda b: b.num_tokens)] * (most - len(mbs))
-        return scatter_back(mbs, policy.compute_logprobs(padded)[: len(mbs)], len(trajs))
+        return scatter_back(mbs, policy.compute_logprobs(mbs), len(trajs))
 
     def correct_and_filter(self, batch: StepBatch) -> tuple[StepBatch, float, dict[str, float]]:
         """REX-RAG filter and policy correction on old log-probs: (kept batch, alpha, metrics).
