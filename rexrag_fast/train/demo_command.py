@@ -124,16 +124,17 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"held-out EM before RL (warm start): {100 * result['em_before']:.1f}%  "
              f"({result['n_eval']} test questions)",
              f"{'method':<8} {'seed':>4} {'EM after':>9} {'reward 1st':>10} {'reward last':>11} {'probes':>7} "
-             f"{'kept':>5} {'prefill saved':>13} {'rollout tok/s':>13} {'update tok/s':>12}",
-             "-" * 100]
+             f"{'kept':>5} {'prefill saved':>13} {'rollout tok/s':>13} {'probe tok/s':>11} {'update tok/s':>12}",
+             "-" * 112]
     for run in result["runs"]:
         rw = [x for x in run["reward"] if x is not None]
         tps = run["tokens_per_s"]
         lines.append(f"{run['method']:<8} {run['seed']:>4} {100 * run['em_after']:8.1f}% "
                      f"{rw[0] if rw else float('nan'):10.3f} {rw[-1] if rw else float('nan'):11.3f} "
                      f"{run['probes_made']:7.0f} {run['probes_kept']:5.0f} {run['probe_cached_tokens']:13.0f} "
-                     f"{tps.get('rollout_tokens_per_s') or 0:13.1f} {tps.get('update_tokens_per_s') or 0:12.1f}")
-    lines.append("-" * 100)
+                     f"{tps.get('rollout_tokens_per_s') or 0:13.1f} {tps.get('probe_tokens_per_s') or 0:11.1f} "
+                     f"{tps.get('update_tokens_per_s') or 0:12.1f}")
+    lines.append("-" * 112)
     for method in METHODS:
         runs = [r for r in result["runs"] if r["method"] == method]
         if runs:
