@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
 from rexrag_fast.engine.hf_reference import hf_greedy, hf_logprobs
@@ -17,15 +18,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, stop=())
 def prompts_of(lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,12 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
+from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
 from rexrag_fast.engine.models import tiny_model
 
 VOCAB = 300
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
