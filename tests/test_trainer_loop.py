@@ -16,14 +16,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import free_port, run_torchrun, torchrun_command, torchrun_env
 
 from rexrag_fast.cli import main as cli_main
 from rexrag_fast.train.config import load_config
@@ -52,12 +51,6 @@ TINY_RUN = [
     "actor.max_tokens_per_micro_batch=1024", f"actor.lr={LR}", "algorithm.entropy_coeff=0.01",
     "trainer.tensorboard=false", "trainer.progress_bar=false",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ in process
@@ -117,7 +110,7 @@ def test_train_command_lists_every_config_problem(tmp_path: Path, capsys: pytest
 
 
 def test_unreachable_retriever_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    url = f"http://127.0.0.1:{_free_port()}/retrieve"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}/retrieve"  # nothing listens there
     with pytest.raises(RetrieverUnavailableError, match="retriever.url = .* is unreachable"):
         check_retriever(url, timeout_s=2.0)
     out = tmp_path / "run"
@@ -133,23 +126,8 @@ def test_unreachable_retriever_fails_fast(tmp_path: Path, capsys: pytest.Capture
 
 
 def _torchrun(target: list[str], out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update({
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/rexrag_fast/torch_extensions"),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.pop("TRITON_INTERPRET", None)  # CPU tensors take the PyTorch backends; the interpreter is not needed
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           *target]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-8000:]}")
-    return proc
+    return run_torchrun(target, cwd=ROOT, timeout_s=RUN_TIMEOUT_S)
 
 
 def _train(out: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -266,13 +244,10 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_matches(two_step_run: tup
     full, _ = two_step_run
     run = tmp_path / "killed"
     run.mkdir()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=os.path.expanduser("~/.cache/rexrag_fast/torch_extensions"))
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "rexrag_fast.cli", "train", "--config", str(TINY_CPU), f"trainer.output_dir={run}", *TINY_RUN,
-           "trainer.max_steps=3", "trainer.save_every=0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = torchrun_command(["-m", "rexrag_fast.cli", "train", "--config", str(TINY_CPU), f"trainer.output_dir={run}",
+                            *TINY_RUN, "trainer.max_steps=3", "trainer.save_every=0"])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         metrics = run / "metrics.jsonl"
         for _ in range(2 * RUN_TIMEOUT_S):  # poll until step 1 is logged (or the run dies)

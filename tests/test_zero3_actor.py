@@ -5,14 +5,12 @@ corrupt-checkpoint / resume chain that must reproduce an uninterrupted run exact
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import run_torchrun
 
 from rexrag_fast.engine.models import tiny_model
 from rexrag_fast.testing import assert_close
@@ -107,32 +105,9 @@ def test_warmup_lr() -> None:
 # ----------------------------------------------------------------------------- 2-process ZeRO-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update({
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/rexrag_fast/torch_extensions"),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.pop("TRITON_INTERPRET", None)  # CPU tensors take the PyTorch backend; the interpreter is not needed
     out.mkdir(parents=True, exist_ok=True)
-    # One process runs without a launcher: init_distributed then makes a world of one by itself.
-    launch = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                    f"--master_port={_free_port()}"]
-    cmd = [sys.executable, *launch, str(SCRIPT), "--out", str(out), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-8000:]}")
-    return proc
+    return run_torchrun([str(SCRIPT), "--out", str(out), *args], cwd=ROOT, timeout_s=RUN_TIMEOUT_S, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
