@@ -123,8 +123,17 @@ def _token_terms(lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alp
 
 
 @triton.jit
-def _load_token_inputs(offs, valid, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr, seq,
-                       ADV_PER_TOKEN: tl.constexpr, HAS_REF: tl.constexpr, HAS_PROBE: tl.constexpr):
+def _load_block_inputs(pid, T, B, cu_ptr, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr,
+                       ADV_PER_TOKEN: tl.constexpr, HAS_REF: tl.constexpr, HAS_PROBE: tl.constexpr,
+                       NEED_SEQ: tl.constexpr, LOG2_B: tl.constexpr, BLOCK: tl.constexpr):
+    # Tokens [pid * BLOCK, pid * BLOCK + BLOCK) of the packed batch: their sequence ids and fp32 inputs
+    # (forward and backward kernels read exactly the same things).
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < T
+    if NEED_SEQ:
+        seq = _sequence_of(offs, cu_ptr, B, LOG2_B)
+    else:
+        seq = tl.zeros([BLOCK], tl.int32)
     lp = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     live = (tl.load(mask_ptr + offs, mask=valid, other=0) != 0) & valid
@@ -140,7 +149,7 @@ def _load_token_inputs(offs, valid, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr,
         probe = tl.load(probe_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
     else:
         probe = old
-    return lp, old, live, adv, ref, probe
+    return offs, valid, seq, lp, old, live, adv, ref, probe
 
 
 @triton.jit
@@ -152,14 +161,9 @@ def _policy_loss_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < T
-    if NEED_SEQ:
-        seq = _sequence_of(offs, cu_ptr, B, LOG2_B)
-    else:
-        seq = tl.zeros([BLOCK], tl.int32)
-    lp, old, live, adv, ref, probe = _load_token_inputs(
-        offs, valid, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr, seq, ADV_PER_TOKEN, HAS_REF, HAS_PROBE)
+    offs, valid, seq, lp, old, live, adv, ref, probe = _load_block_inputs(
+        pid, T, B, cu_ptr, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr,
+        ADV_PER_TOKEN, HAS_REF, HAS_PROBE, NEED_SEQ, LOG2_B, BLOCK)
     loss, kl, clipped, clipped_lower, d, ratio, beh, _, _ = _token_terms(
         lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
         HAS_PROBE, HAS_REF, KL_KIND, False, False)
@@ -200,14 +204,9 @@ def _policy_loss_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < T
-    if NEED_SEQ:
-        seq = _sequence_of(offs, cu_ptr, B, LOG2_B)
-    else:
-        seq = tl.zeros([BLOCK], tl.int32)
-    lp, old, live, adv, ref, probe = _load_token_inputs(
-        offs, valid, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr, seq, ADV_PER_TOKEN, HAS_REF, HAS_PROBE)
+    offs, valid, seq, lp, old, live, adv, ref, probe = _load_block_inputs(
+        pid, T, B, cu_ptr, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr,
+        ADV_PER_TOKEN, HAS_REF, HAS_PROBE, NEED_SEQ, LOG2_B, BLOCK)
     _, _, _, _, _, _, _, dloss, dkl = _token_terms(
         lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
         HAS_PROBE, HAS_REF, KL_KIND, KL_STRAIGHT, True)
