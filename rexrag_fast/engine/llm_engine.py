@@ -19,7 +19,7 @@ from rexrag_fast.engine.counters import EngineCounters
 from rexrag_fast.engine.model_runner import ModelRunner
 from rexrag_fast.engine.sampling import sample
 from rexrag_fast.engine.scheduler import Scheduler
-from rexrag_fast.engine.sequence import Completion, Request, Sequence
+from rexrag_fast.engine.sequence import Completion, Request, Sequence, extend_request, fork_request
 from rexrag_fast.engine.stop import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class LLMEngine:
         Its prompt is completion.token_ids + new_token_ids; the finished completion's full blocks are in the
         prefix cache, so only the last partial block and the new tokens are computed.
         """
-        return Request(list(completion.token_ids) + [int(t) for t in new_token_ids], sampling or SamplingParams())
+        return extend_request(completion, new_token_ids, sampling)
 
     def fork(self, completion: Completion, keep_tokens: int, append_token_ids: list[int],
              sampling: SamplingParams | None = None) -> Request:
@@ -115,11 +115,7 @@ class LLMEngine:
         Full blocks of the kept prefix are shared through the prefix cache (no KV recomputed for them); the
         tokens of a partial last block are recomputed.
         """
-        n = len(completion.token_ids)
-        if not 0 < keep_tokens <= n:
-            raise ValueError(f"fork: keep_tokens must be in [1, {n}] (the completion's length), got {keep_tokens}")
-        return Request(completion.token_ids[:keep_tokens] + [int(t) for t in append_token_ids],
-                       sampling or SamplingParams())
+        return fork_request(completion, keep_tokens, append_token_ids, sampling)
 
     def update_weights(self, model_or_state_dict: Any) -> None:
         """Copy new weights in place (no KV pool re-allocation) and bump the cache namespace.

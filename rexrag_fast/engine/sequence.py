@@ -36,6 +36,24 @@ class Completion:
     text: str | None = None
 
 
+def extend_request(completion: Completion, new_token_ids: list[int], sampling: SamplingParams | None = None) -> Request:
+    """A request continuing `completion`: prompt = completion.token_ids + new_token_ids."""
+    return Request(list(completion.token_ids) + [int(t) for t in new_token_ids], sampling or SamplingParams())
+
+
+def fork_request(completion: Completion, keep_tokens: int, append_token_ids: list[int],
+                 sampling: SamplingParams | None = None) -> Request:
+    """A branch of `completion`: prompt = completion.token_ids[:keep_tokens] + append_token_ids.
+
+    Raises ValueError unless 1 <= keep_tokens <= len(completion.token_ids).
+    """
+    n = len(completion.token_ids)
+    if not 0 < keep_tokens <= n:
+        raise ValueError(f"fork: keep_tokens must be in [1, {n}] (the completion's length), got {keep_tokens}")
+    return Request(completion.token_ids[:keep_tokens] + [int(t) for t in append_token_ids],
+                   sampling or SamplingParams())
+
+
 class Status(enum.Enum):
     WAITING = 0
     RUNNING = 1

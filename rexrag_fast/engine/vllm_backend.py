@@ -14,7 +14,7 @@ from typing import Any
 
 from rexrag_fast.engine.config import SamplingParams
 from rexrag_fast.engine.counters import EngineCounters
-from rexrag_fast.engine.sequence import Completion, Request
+from rexrag_fast.engine.sequence import Completion, Request, extend_request, fork_request
 
 
 def _import_vllm() -> Any:
@@ -79,15 +79,11 @@ class VLLMEngine:
 
     def extend(self, completion: Completion, new_token_ids: list[int],
                sampling: SamplingParams | None = None) -> Request:
-        return Request(list(completion.token_ids) + [int(t) for t in new_token_ids], sampling or SamplingParams())
+        return extend_request(completion, new_token_ids, sampling)
 
     def fork(self, completion: Completion, keep_tokens: int, append_token_ids: list[int],
              sampling: SamplingParams | None = None) -> Request:
-        n = len(completion.token_ids)
-        if not 0 < keep_tokens <= n:
-            raise ValueError(f"fork: keep_tokens must be in [1, {n}] (the completion's length), got {keep_tokens}")
-        return Request(completion.token_ids[:keep_tokens] + [int(t) for t in append_token_ids],
-                       sampling or SamplingParams())
+        return fork_request(completion, keep_tokens, append_token_ids, sampling)
 
     def update_weights(self, model_or_state_dict: Any) -> None:
         """Load new weights into the vLLM worker's model and drop the prefix cache (stale KV)."""
