@@ -21,7 +21,7 @@ from rexrag_fast.retrieval import (
     get_embedder,
     read_manifest,
 )
-from rexrag_fast.retrieval.embedder import resolve_embedder_path
+from rexrag_fast.retrieval.embedder import resolve_embedder_dtype, resolve_embedder_path
 
 N_QUESTIONS = 60
 N_DISTRACTORS = 100
@@ -168,11 +168,12 @@ def e5_named_embedder(tmp_path_factory) -> Embedder:
     """The bundled MiniLM weights under a directory whose name says e5: gets the e5 treatment."""
     link = tmp_path_factory.mktemp("models") / "e5-mini-test"
     link.symlink_to(resolve_embedder_path("all-MiniLM-L6-v2"), target_is_directory=True)
-    return Embedder(str(link), device="cpu")
+    return Embedder(str(link), device="cpu", dtype="float32")
 
 
 def test_e5_models_get_prefixes_and_mean_pooling(e5_named_embedder):
-    base = get_embedder()
+    # fp32 on both sides: the comparison is about prefixes and pooling, not bf16 rounding.
+    base = get_embedder(dtype="float32")
     assert e5_named_embedder.is_e5 and not base.is_e5
     texts = ["Who founded Defur Company?", "a much longer question about the capital of a fictional country"]
     np.testing.assert_allclose(e5_named_embedder.embed_queries(texts),
@@ -189,6 +190,28 @@ def test_mismatched_embedder_is_refused(world_subset, flat_index, e5_named_embed
         LocalRetriever.from_index(flat_index, embedder=e5_named_embedder)
     with pytest.raises(IndexMismatchError, match="already holds a different index"):
         build_index(path, flat_index, embedder=e5_named_embedder, chunk_size=64, progress=False)
+
+
+def test_embedder_dtype_auto_and_bad_dtype():
+    import torch
+
+    assert resolve_embedder_dtype("auto", "cuda:0") == "float16"
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_embedder_dtype("auto", "cpu") == ("bfloat16" if native_bf16 else "float32")
+    assert resolve_embedder_dtype("float32", "cuda") == "float32"
+    with pytest.raises(ValueError, match=r"'fp8' is not one of"):
+        resolve_embedder_dtype("fp8", "cpu")
+
+
+def test_bf16_embeddings_are_unit_vectors_close_to_fp32(world_subset):
+    _, docs, questions = world_subset
+    texts = [q["question"] for q in questions[:16]] + [d["contents"] for d in docs[:16]]
+    fp32 = get_embedder(dtype="float32").embed_passages(texts)
+    bf16 = get_embedder(dtype="bfloat16").embed_passages(texts)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    cosine = (fp32 * bf16).sum(axis=1)
+    assert cosine.min() > 0.99, f"bf16 embeddings drift from fp32: min cosine {cosine.min():.4f}"
 
 
 def test_changed_corpus_is_refused(world_subset, tmp_path):

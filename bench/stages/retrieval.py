@@ -1,10 +1,10 @@
 """Stage `retrieval`: index build docs/s, and queries/s of the real HTTP server with micro-batching against the same
 server embedding one request (one query) per call, on the embedded world.
 
-Load: C concurrent clients on loopback (asyncio + httpx in a separate process, so the load generator does not
-compete with the server for this process's GIL), each sending one-query requests back to back for a fixed time;
-queries/s = answered queries / elapsed. A fixed duration, not a fixed count, keeps the stage bounded on a slow or
-shared CPU.
+Load: C concurrent clients on loopback (keep-alive HTTP/1.1 over asyncio streams in a separate process, so the
+load generator does not compete with the server for this process's GIL), each sending one-query requests back to
+back for a fixed time; queries/s = answered queries / elapsed. A fixed duration, not a fixed count, keeps the
+stage bounded on a slow or shared CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -27,34 +28,63 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_SIZES = {
     # docs indexed (None: the whole default world), concurrent clients, seconds of load per mode,
     # queries of the in-process comparison
-    "tiny": {"docs": 96, "clients": 64, "seconds": 3.0, "in_process_batch": 32},
+    "tiny": {"docs": 96, "clients": 128, "seconds": 3.0, "in_process_batch": 32},
     "qwen2.5-3b": {"docs": None, "clients": 128, "seconds": 20.0, "in_process_batch": 512},
 }
 
 
 def _load(url: str, queries: list[str], clients: int, seconds: float) -> tuple[int, float]:
-    """Run `clients` loops of one-query POSTs for `seconds`; returns (answered queries, elapsed seconds)."""
-    import httpx
+    """Run `clients` loops of one-query POSTs for `seconds`; returns (answered queries, elapsed seconds).
+
+    Each client holds one keep-alive HTTP/1.1 connection and writes requests by hand over asyncio streams, as
+    wrk does: a general-purpose client (httpx) costs more CPU per request than the server's handler, and on
+    2 cores it capped the load at ~95 requests/s, measuring the load generator rather than the server.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    host, port, path = parsed.hostname or "127.0.0.1", parsed.port or 80, parsed.path or "/"
+
+    def encode(query: str) -> bytes:
+        body = json.dumps({"queries": [query], "topk": 3, "return_scores": True}).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        return head.encode() + body
+
+    requests = [encode(q) for q in queries]
+
+    async def read_response(reader: asyncio.StreamReader) -> None:
+        status = await reader.readline()
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"server answered {status!r:.80} instead of 200")
+        length = None
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            raise RuntimeError("response without Content-Length")
+        await reader.readexactly(length)
 
     async def main() -> tuple[int, float]:
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            answered = 0
-            start = time.perf_counter()
-            deadline = start + seconds
+        answered = 0
+        start = time.perf_counter()
+        deadline = start + seconds
 
-            async def worker(w: int) -> None:
-                nonlocal answered
-                i = w
+        async def worker(w: int) -> None:
+            nonlocal answered
+            reader, writer = await asyncio.open_connection(host, port)
+            i = w
+            try:
                 while time.perf_counter() < deadline:
-                    resp = await client.post(url, json={"queries": [queries[i % len(queries)]], "topk": 3,
-                                                        "return_scores": True})
-                    resp.raise_for_status()
+                    writer.write(requests[i % len(requests)])
+                    await writer.drain()
+                    await read_response(reader)
                     answered += 1
                     i += clients
+            finally:
+                writer.close()
 
-            await asyncio.gather(*(worker(w) for w in range(clients)))
-            return answered, time.perf_counter() - start
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        return answered, time.perf_counter() - start
 
     return asyncio.run(main())
 
@@ -105,7 +135,7 @@ def retrieval(preset: str, progress: Progress) -> list[Row]:
         build_index(corpus, Path(tmp) / "index", embedder=embedder, chunk_size=128, progress=False)
         build_s = time.perf_counter() - t0
         rows.append(Row("retrieval", "index build (flat)", len(docs) / build_s, "docs/s",
-                        config=f"{len(docs)} world docs, {embedder.name}, {device}, chunk 128"))
+                        config=f"{len(docs)} world docs, {embedder.name}, {device} {embedder.dtype}, chunk 128"))
         retriever = LocalRetriever.from_index(Path(tmp) / "index", embedder=embedder)
         # The embedding call alone, without HTTP: one call for a batch against one call per query.
         batch = queries[: sizes["in_process_batch"]]
@@ -149,7 +179,8 @@ def retrieval(preset: str, progress: Progress) -> list[Row]:
                         config=f"{sizes['clients']} clients, same load generator, no embedding or search"))
         rows.append(Row("retrieval", "server queries/s, micro-batched", qps[True], "queries/s",
                         baseline_value=qps[False], baseline="one query per embedding call",
-                        config=f"{sizes['clients']} clients x 1-query requests, {len(docs)} docs, topk 3, {device}",
+                        config=f"{sizes['clients']} clients x 1-query requests, {len(docs)} docs, topk 3, "
+                               f"{device} {embedder.dtype}",
                         extra={"batched": stats[True], "unbatched": stats[False]}))
     return rows
 

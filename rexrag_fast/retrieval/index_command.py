@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from rexrag_fast.retrieval.embedder import DEFAULT_EMBEDDER
+from rexrag_fast.retrieval.embedder import DEFAULT_EMBEDDER, EMBEDDER_DTYPES
 from rexrag_fast.retrieval.index import INDEX_TYPES, IndexConfig, IndexMismatchError, build_index
 
 
@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, default=32, help="ivf: clusters searched per query")
     parser.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
     parser.add_argument("--device", default=None, help="embedding device (default cuda when available)")
+    parser.add_argument("--dtype", choices=EMBEDDER_DTYPES, default="auto",
+                        help="embedding compute dtype (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
     parser.add_argument("--keep-chunks", action="store_true", help="keep the per-chunk embeddings after the build")
     parser.add_argument("--overwrite", action="store_true", help="discard an existing index or partial build in --out")
 
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = IndexConfig(index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m)
     try:
-        manifest = build_index(args.corpus, args.out, embedder=get_embedder(args.embedder, args.device), config=config,
+        embedder = get_embedder(args.embedder, args.device, args.dtype)
+        manifest = build_index(args.corpus, args.out, embedder=embedder, config=config,
                                chunk_size=args.chunk_size, progress=True, keep_chunks=args.keep_chunks,
                                overwrite=args.overwrite)
     except (FileNotFoundError, ValueError, IndexMismatchError) as e:

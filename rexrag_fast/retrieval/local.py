@@ -38,12 +38,13 @@ class LocalRetriever:
 
     @classmethod
     def from_index(cls, index_dir: str | os.PathLike[str], embedder: str | Embedder | None = None,
-                   corpus_path: str | os.PathLike[str] | None = None, device: str | None = None) -> LocalRetriever:
+                   corpus_path: str | os.PathLike[str] | None = None, device: str | None = None,
+                   dtype: str = "auto") -> LocalRetriever:
         """Load an index directory; `embedder` (default: the manifest's) must match the one it was built with."""
         name = embedder.name if isinstance(embedder, Embedder) else embedder
         index = DenseIndex.load(index_dir, embedder=name, corpus_path=corpus_path)
         if not isinstance(embedder, Embedder):
-            embedder = get_embedder(index.manifest["embedder"], device)
+            embedder = get_embedder(index.manifest["embedder"], device, dtype)
         return cls(index, embedder)
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rexrag_fast.retrieval.embedder import EMBEDDER_DTYPES
 from rexrag_fast.retrieval.server import BatchingConfig, ServerLimits
 
 
@@ -16,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None, help="corpus JSONL if it moved since the index was built")
     parser.add_argument("--embedder", default=None, help="refuse to start unless the index was built with this")
     parser.add_argument("--device", default=None, help="query embedding device (default cuda when available)")
+    parser.add_argument("--dtype", choices=EMBEDDER_DTYPES, default="auto",
+                        help="embedding compute dtype (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
     parser.add_argument("--default-topk", type=int, default=limits.default_topk)
     parser.add_argument("--max-topk", type=int, default=limits.max_topk)
     parser.add_argument("--max-queries", type=int, default=limits.max_queries, help="queries per request")
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                               max_wait_ms=args.max_wait_ms)
     try:
         serve(args.index, host=args.host, port=args.port, limits=limits, batching=batching, embedder=args.embedder,
-              corpus_path=args.corpus, device=args.device)
+              corpus_path=args.corpus, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, IndexMismatchError) as e:
         print(f"rexrag-fast serve: {e}", file=sys.stderr)
         return 2

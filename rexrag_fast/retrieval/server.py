@@ -93,6 +93,7 @@ class MicroBatcher:
         self.batches = 0
         self.queries = 0
         self._task: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -107,6 +108,7 @@ class MicroBatcher:
     async def submit(self, queries: list[str], topk: int, return_scores: bool) -> list[list[dict[str, Any]]]:
         future: asyncio.Future[list[list[dict[str, Any]]]] = asyncio.get_running_loop().create_future()
         await self.queue.put(_Pending(queries, topk, return_scores, future))
+        self._arrived.set()
         return await future
 
     async def _gather(self) -> list[_Pending]:
@@ -114,13 +116,19 @@ class MicroBatcher:
         if not self.config.enabled:
             return batch
         n = len(batch[0].queries)
-        deadline = time.monotonic() + self.config.max_wait_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.max_wait_ms / 1000.0
         while n < self.config.max_batch_queries:
             if self.queue.empty():
-                # Poll rather than wait_for(queue.get()): a timed-out get must never swallow a request.
-                if time.monotonic() >= deadline:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     break
-                await asyncio.sleep(0.0005)
+                # Sleep until a request arrives or the deadline passes. Waiting on the event, not on
+                # wait_for(queue.get()), means a timeout can never swallow a request; not polling leaves the
+                # event loop's CPU to the HTTP handlers.
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
                 continue
             item = self.queue.get_nowait()
             batch.append(item)
@@ -309,9 +317,10 @@ class ServerThread:
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
           batching: BatchingConfig | None = None, embedder: str | None = None, corpus_path: str | None = None,
-          device: str | None = None) -> None:
+          device: str | None = None, dtype: str = "auto") -> None:
     """Load `index_dir` and serve it until interrupted (blocking)."""
     import uvicorn
 
-    retriever = LocalRetriever.from_index(index_dir, embedder=embedder, corpus_path=corpus_path, device=device)
+    retriever = LocalRetriever.from_index(index_dir, embedder=embedder, corpus_path=corpus_path, device=device,
+                                          dtype=dtype)
     uvicorn.run(create_app(retriever, limits, batching), host=host, port=port, log_level="info", backlog=4096)
