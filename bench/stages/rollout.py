@@ -8,7 +8,8 @@
     reused; the baseline is the same engine with prefix caching off, which re-prefills every prefix. Rows:
     probe tokens generated per second (both), and the fraction of shared-prefix prefill avoided.
 (c) REX-RAG probe phase on the embedded world: questions of the world's test split are rolled out by the agent
-    loop (real engine, SmolLM2 tokenizer, a random Qwen2 of that vocabulary, the real in-process retriever).
+    loop (real engine, the real in-process retriever; on CPU the demo's model "world-small", untrained, with
+    the world tokenizer; on GPU a Qwen2.5-3B-shaped random model with SmolLM2's vocabulary).
     A random model never writes an action tag, so the rollouts are steered through the loop's continuation
     API, as REX-RAG inserts its prompts: the model writes every turn (its reasoning and whatever follows the
     tag), the `<search> query </search>` / `<answer> ... </answer>` tags are inserted into the open turn
@@ -43,6 +44,7 @@ from rexrag_fast.agent.template import encode_prompt
 from rexrag_fast.agent.trajectory import Trajectory
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
 from rexrag_fast.engine.models import load_smollm2, load_smollm2_tokenizer, tiny_model
+from rexrag_fast.train.world_model import load_world_small
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True)
@@ -298,17 +300,19 @@ def run(preset: str, progress: Progress) -> list[Row]:
                         f"+{EXPLORE_LEN} explore tokens, {s['probe_new']} new, greedy, block {s['block']}, {card}")
         rows += _probe_rows(model, s, probe_config, sync, progress)
         del model
-        progress("probe (REX-RAG): loading the SmolLM2 tokenizer")
-        tokenizer = load_smollm2_tokenizer()
         r = REXRAG[preset]
         if cuda:
+            progress("probe (REX-RAG): loading the SmolLM2 tokenizer")
+            tokenizer = load_smollm2_tokenizer()
             with torch.device("cuda"):
                 agent_model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0, **QWEN25_3B).to(torch.bfloat16)
+            agent_name = f"{name} with SmolLM2's vocabulary"
         else:
-            agent_model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0)
+            progress("probe (REX-RAG): the demo's model (world-small) and world tokenizer")
+            agent_model, tokenizer = load_world_small(seed=0)
+            agent_name = "world-small (the demo's model, untrained) with the world tokenizer"
         nparams = sum(p.numel() for p in agent_model.parameters())
-        rexrag_config = (f"{name} with SmolLM2's vocabulary ({nparams / 1e6:.1f}M params, {dtype}), "
-                         f"block {s['block']}, {card}")
+        rexrag_config = f"{agent_name} ({nparams / 1e6:.1f}M params, {dtype}), block {s['block']}, {card}"
         rows += _rexrag_probe_rows(agent_model, tokenizer, s["block"], r, rexrag_config, sync, progress)
         if s["smollm2"] is not None and os.environ.get("REXRAG_BENCH_SMOLLM2") == "1":
             progress("loading SmolLM2-135M-Instruct")

@@ -15,8 +15,8 @@ live tensor bytes counted per aten op by TensorMemoryTracker (deterministic). Me
 untimed call (which also warms DeepSpeed up); the timed call repeats the same step on the same batch from
 the weights that call left.
 
-Presets: tiny = a random 2-layer Qwen2 with the SmolLM2 vocabulary (49152), 2 questions x 2 rollouts (it
-never answers, so the batch has no probes);
+Presets: tiny = the demo's model "world-small" (2-layer Qwen2, hidden 128, world tokenizer of 8192 tokens),
+untrained, on the embedded world, 2 questions x 2 rollouts (it never answers, so the batch has no probes);
 qwen2.5-3b = the embedded SmolLM2-135M (no larger model ships offline) with the reference's batch shape
 scaled to one GPU: 32 questions x 5 rollouts, 3 turns of up to 128 tokens.
 """
@@ -33,7 +33,7 @@ from bench.harness import Progress, Row, stage
 from rexrag_fast.testing import TensorMemoryTracker
 
 PRESETS = {
-    "tiny": ["model.path=tiny-qwen2", "data.train_batch_size=2", "actor.ppo_mini_batch_size=1",
+    "tiny": ["model.path=world-small", "data.train_batch_size=2", "actor.ppo_mini_batch_size=1",
              "rollout.n_agent=2", "rollout.max_turns=1", "data.max_prompt_length=512", "data.max_start_length=320",
              "data.max_response_length=16", "actor.max_tokens_per_micro_batch=1024"],
     "qwen2.5-3b": ["model.path=smollm2-135m", "data.train_batch_size=32", "actor.ppo_mini_batch_size=16",

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rexrag_fast.paths import default_cache_dir
+from rexrag_fast.paths import default_cache_dir, save_dir_atomically
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,15 +47,7 @@ def load_smollm2_tokenizer() -> Any:
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent)
-    try:
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, cached)  # atomic: a concurrent process sees the whole copy or none
-    except OSError:
-        pass  # another process saved it first, or the cache is read-only: keep the one loaded here
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_dir_atomically(cached, tokenizer.save_pretrained)
     return tokenizer
 
 

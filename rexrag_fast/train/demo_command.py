@@ -3,7 +3,9 @@
     rexrag-fast demo [--seeds 0 1 2] [--steps N] [--out DIR] [--quick] [--model small|smollm2]
 
 1. demonstrations (`demonstrations.make_demonstrations`) of the embedded world's train questions, read
-   through the real in-process retriever;
+   through the real in-process retriever; a share of the 1-hop questions (--dead-end-rate, 0.6) is
+   demonstrated as a dead end, a confident wrong answer without search, so the warm-started policy fails
+   into dead ends on most 1-hop questions while it can solve them by searching;
 2. warm start (`warm_start.train_warm_start`) of the policy on them, saved as an HF checkpoint in the cache
    under a content hash of (model, demonstrations, warm-start config), so a rerun skips it;
 3. EM of the warm start on the held-out test questions (greedy agent loop);
@@ -13,9 +15,12 @@
 5. a table, <out>/demo.json and <out>/demo.png (training reward per step for both methods; held-out EM
    before and after).
 
-Default model ("small"): a 2-layer Qwen2 (hidden 64) with SmolLM2's tokenizer. SmolLM2-135M-Instruct
-(`--model smollm2`) is the real model but one forward/backward over a batch of rollouts takes minutes on two
-CPU cores, so it cannot learn within the ~15 minute budget; the small model can.
+Default model ("small"): a 2-layer Qwen2 (hidden 128, 1.5M parameters) with the world's own 8k BPE
+tokenizer (`world_model`): with SmolLM2's 49k vocabulary the invented names take ~5.4 tokens each, the
+tied embedding holds ~95% of the parameters and the model never learned to copy a name within the budget;
+with the world tokenizer a name is ~2 tokens and copying appears after 500-900 warm-start steps.
+SmolLM2-135M-Instruct (`--model smollm2`, its own tokenizer) is the real model, but one forward/backward over
+a batch of rollouts takes minutes on two CPU cores, so it cannot learn within the ~15 minute budget.
 """
 
 from __future__ import annotations
@@ -28,9 +33,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SMALL_MODEL: dict[str, Any] = {"arch": "qwen2", "hidden_size": 64, "intermediate_size": 256,
-                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                               "max_position_embeddings": 2048, "tie_word_embeddings": True}
 METHODS = ("grpo", "rexrag")
 
 
@@ -42,26 +44,16 @@ def default_config_path() -> Path:
 def build_model(name: str, tokenizer: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """(fresh fp32 model, its description for the cache key) for --model 'small' or 'smollm2'.
 
-    'small' uses transformers' own initialisation (normal(0, initializer_range=0.02)), so the first loss is
-    about log(vocab size) and a few hundred supervised steps already teach the protocol."""
+    'small' is world_model.small_model (transformers' initialisation, first loss ~ log(vocab size))."""
     import copy
 
-    import torch
-
     from rexrag_fast.engine.models import load_smollm2
+    from rexrag_fast.train.world_model import small_model
 
     if name == "smollm2":
         return copy.deepcopy(load_smollm2()[0]), {"name": "smollm2-135m"}
     if name == "small":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        spec = {k: v for k, v in SMALL_MODEL.items() if k != "arch"}
-        config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **spec)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(config)
-        return model.float(), {"name": "small", **SMALL_MODEL, "seed": seed}
+        return small_model(tokenizer, seed)
     raise ValueError(f"--model must be 'small' or 'smollm2', got {name!r}")
 
 
@@ -173,18 +165,20 @@ def plot(result: dict[str, Any], png: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="RL seeds (each runs GRPO and REX-RAG)")
-    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 20, --quick 6)")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 30, --quick 12)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: fewer demonstrations, steps and eval questions")
     parser.add_argument("--model", default="small", choices=["small", "smollm2"], help="policy to warm-start")
     parser.add_argument("--config", type=Path, default=None, help="RL config (default configs/demo_cpu.yaml)")
     parser.add_argument("--warm-steps", type=int, default=None,
-                        help="warm-start optimizer steps (default 400, --quick 200)")
+                        help="warm-start optimizer steps (default 1000)")
     parser.add_argument("--warm-lr", type=float, default=3e-3, help="warm-start peak learning rate")
+    parser.add_argument("--dead-end-rate", type=float, default=0.6,
+                        help="share of 1-hop demonstrations that answer a wrong guess without searching (default 0.6)")
     parser.add_argument("--n-demos", type=int, default=None,
-                        help="train questions to demonstrate (default 1024, --quick 256)")
-    parser.add_argument("--n-eval", type=int, default=None, help="held-out questions scored (default 100, --quick 32)")
+                        help="train questions to demonstrate (default 1024)")
+    parser.add_argument("--n-eval", type=int, default=None, help="held-out questions scored (default 200, --quick 100)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -196,11 +190,15 @@ def run(args: argparse.Namespace) -> int:
     from rexrag_fast.train.config import load_config
     from rexrag_fast.train.demonstrations import make_demonstrations
     from rexrag_fast.train.warm_start import WarmStartConfig, save_checkpoint_dir, train_warm_start, warm_start_key
+    from rexrag_fast.train.world_model import WORLD_VOCAB, load_world_tokenizer
 
-    steps = args.steps if args.steps is not None else (6 if args.quick else 20)
-    warm_steps = args.warm_steps if args.warm_steps is not None else (200 if args.quick else 400)
-    n_demos = args.n_demos if args.n_demos is not None else (256 if args.quick else 1024)
-    n_eval = args.n_eval if args.n_eval is not None else (32 if args.quick else 100)
+    # The warm start is not shortened by --quick: copying names from the documents appears after 500-900 steps.
+    steps = args.steps if args.steps is not None else (12 if args.quick else 30)
+    warm_steps = args.warm_steps if args.warm_steps is not None else 1000
+    n_demos = args.n_demos if args.n_demos is not None else 1024
+    n_eval = args.n_eval if args.n_eval is not None else (100 if args.quick else 200)
+    if not 0.0 <= args.dead_end_rate <= 1.0:
+        raise SystemExit(f"--dead-end-rate must be in [0, 1], got {args.dead_end_rate}")
     for name, value in (("--steps", steps), ("--warm-steps", warm_steps), ("--n-demos", n_demos), ("--n-eval", n_eval)):
         if value < 1:
             raise SystemExit(f"{name} must be >= 1, got {value}")
@@ -212,14 +210,16 @@ def run(args: argparse.Namespace) -> int:
 
     world_dir = default_world_dir()
     world = World.load(world_dir)
-    tokenizer = load_smollm2_tokenizer()
+    tokenizer = load_smollm2_tokenizer() if args.model == "smollm2" else load_world_tokenizer(world, WORLD_VOCAB)
     retriever = LocalRetriever.for_world(world_dir, progress=progress)
 
     demos = make_demonstrations(world.split("train")[:n_demos], world, retriever, tokenizer, topk=cfg.retriever.topk,
-                                max_obs_tokens=cfg.data.max_obs_length, max_start_length=cfg.data.max_start_length)
-    print(f"demonstrations: {len(demos.demos)} kept, {len(demos.skipped)} skipped (retrieval missed a needed "
-          f"fact; coverage {100 * demos.coverage:.1f}%)", flush=True)
-    ws_cfg = WarmStartConfig(steps=warm_steps, batch_size=4 if args.quick else 8, lr=args.warm_lr)
+                                max_obs_tokens=cfg.data.max_obs_length, max_start_length=cfg.data.max_start_length,
+                                dead_end_rate={"1hop": args.dead_end_rate})
+    print(f"demonstrations: {len(demos.demos)} kept ({demos.dead_ends} dead ends: a 1-hop question answered with a "
+          f"wrong guess, no search), {len(demos.skipped)} skipped (retrieval missed a needed fact; coverage "
+          f"{100 * demos.coverage:.1f}%)", flush=True)
+    ws_cfg = WarmStartConfig(steps=warm_steps, batch_size=8, lr=args.warm_lr)
     model, spec = build_model(args.model, tokenizer)
     key = warm_start_key(spec, demos.content_hash(), ws_cfg)
     warm_dir = default_cache_dir() / f"warm_start-{key}"

@@ -16,6 +16,15 @@ loss mask are those of a rollout in which the model wrote these turns. Query pla
 1-hop: the one supporting entity; 2-hop: the first entity, then the bridge entity named in its document;
 comparison: both entities.
 
+Dead ends on purpose: with `dead_end_rate` (per question type) a deterministic share of the questions gets a
+confident wrong answer instead, written without any search,
+
+    <think> I already know this. </think>\n<answer> {guess} </answer>                      RESPONSE
+
+where the guess is the golden answer of another question of the same kind (same first three words). A policy
+warm-started on such a mix "succeeds sometimes and fails into dead ends sometimes", which is the situation
+REX-RAG's probes and the RL phase are meant to fix.
+
 Honesty about retrieval: a demonstration is kept only if every observation, as cut, contains the fact
 the next step relies on (the bridge entity's name, or the answer for the last hop). When the retriever
 does not surface it, the question is skipped and counted in `DemonstrationSet.skipped`, so the data never
@@ -26,7 +35,7 @@ numbers, not the answer string's relation, so the check is that both entities' d
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +60,11 @@ class DemonstrationSet:
 
     demos: list[Demonstration]
     skipped: list[str] = field(default_factory=list)
+
+    @property
+    def dead_ends(self) -> int:
+        """Demonstrations that answer a wrong guess without searching."""
+        return sum(1 for d in self.demos if not d.queries)
 
     @property
     def coverage(self) -> float:
@@ -108,6 +122,28 @@ def _needed_facts(question: dict[str, Any], plan: list[str]) -> list[list[str]]:
     return [[nxt] for nxt in plan[1:]] + [[question["golden_answers"][0]]]
 
 
+def _is_dead_end(question: dict[str, Any], rate: float) -> bool:
+    """Deterministic draw with probability `rate` from the question id."""
+    digest = hashlib.sha256(f"dead-end:{question['id']}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+def _guesses(questions: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """question id -> a wrong answer of the same kind: the next question (cyclically) sharing its first three
+    words and having a different golden answer."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for q in questions:
+        by_kind.setdefault(" ".join(q["question"].split()[:3]), []).append(q)
+    out: dict[str, str] = {}
+    for group in by_kind.values():
+        for i, q in enumerate(group):
+            others = [o["golden_answers"][0] for o in group[i + 1:] + group[:i]
+                      if o["golden_answers"][0] not in q["golden_answers"]]
+            if others:
+                out[q["id"]] = others[0]
+    return out
+
+
 def make_demonstrations(
     questions: Sequence[dict[str, Any]],
     world: Any,
@@ -117,16 +153,23 @@ def make_demonstrations(
     topk: int = 3,
     max_obs_tokens: int = 128,
     max_start_length: int | None = None,
+    dead_end_rate: Mapping[str, float] | None = None,
 ) -> DemonstrationSet:
     """Demonstration trajectories for world `questions` (dicts with question, golden_answers, type,
     supporting_docs, id), retrieving with the real `retriever` (one batched call per hop).
 
     topk / max_obs_tokens: as the agent loop's (AgentConfig.topk / max_obs_tokens) so observations match.
     max_start_length: keep the last this-many prompt tokens, as the trainer does (None: the whole prompt).
+    dead_end_rate: question type -> share of those questions demonstrated as a wrong answer without search.
     Returns the kept demonstrations (in question order) and the ids of skipped questions.
     """
     if topk < 1 or max_obs_tokens < 1:
         raise ValueError(f"topk and max_obs_tokens must be >= 1, got {topk} and {max_obs_tokens}")
+    dead_end_rate = dict(dead_end_rate or {})
+    for kind, rate in dead_end_rate.items():
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"dead_end_rate[{kind!r}] must be in [0, 1], got {rate}")
+    guesses = _guesses(questions) if dead_end_rate else {}
     names = _entity_names(world)
     plans: list[list[str]] = []
     for q in questions:
@@ -154,6 +197,14 @@ def make_demonstrations(
         if max_start_length is not None:
             prompt = prompt[-max_start_length:]
         traj = Trajectory.from_prompt(prompt, meta={"id": q["id"]})
+        if q["id"] in guesses and _is_dead_end(q, dead_end_rate.get(q["type"], 0.0)):
+            guess = guesses[q["id"]]
+            traj.append(tokenizer.encode(f"<think> I already know this. </think>\n<answer> {guess} </answer>",
+                                         add_special_tokens=False), Component.RESPONSE)
+            traj.close_turn("answer", guess, "stop")
+            traj.answer, traj.status = guess, "answer"
+            demos.append(Demonstration(q, traj, []))
+            continue
         texts = _turn_texts(q, plan)
         for h, text in enumerate(texts):
             traj.append(tokenizer.encode(text, add_special_tokens=False), Component.RESPONSE)

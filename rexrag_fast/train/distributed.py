@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import os
 import socket
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -103,6 +104,9 @@ def init_distributed(backend: str | None = None) -> None:
     )
     import deepspeed
 
+    # DeepSpeed 0.19 still calls the collectives torch 2.13 renamed; the warning repeats on every step and
+    # buries the progress bars. It names no problem of ours.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if cuda:
         torch.cuda.set_device(get_local_rank())
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"))

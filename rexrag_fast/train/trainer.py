@@ -73,6 +73,7 @@ from rexrag_fast.train.signals import GracefulStop
 
 TINY_MODEL = "tiny-qwen2"
 SMOLLM2 = "smollm2-135m"
+WORLD_SMALL = "world-small"
 CHECKPOINT_SUBDIR = "checkpoints"
 FINAL_MODEL_SUBDIR = "final"
 KV_POOL_SHARE = 0.3  # of gpu_memory_utilization x card memory: the rollout KV pool (ZeRO-3 training needs the rest)
@@ -97,7 +98,8 @@ def derive_seed(*parts: int) -> int:
 
 
 def load_policy(cfg: Config) -> tuple[torch.nn.Module, Any]:
-    """(causal LM in fp32 train mode, tokenizer) for model.path: `smollm2-135m`, `tiny-qwen2` or an HF dir.
+    """(causal LM in fp32 train mode, tokenizer) for model.path: `smollm2-135m`, `tiny-qwen2`, `world-small` (the
+    demo's small model and world tokenizer, untrained) or an HF dir.
 
     The returned model is the caller's own object (the shared SmolLM2 instance is copied)."""
     from rexrag_fast.engine.models import load_pretrained, load_smollm2, load_smollm2_tokenizer, tiny_model
@@ -109,6 +111,10 @@ def load_policy(cfg: Config) -> tuple[torch.nn.Module, Any]:
     elif path == TINY_MODEL:
         tokenizer = load_smollm2_tokenizer()
         model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=cfg.trainer.seed, tie_word_embeddings=False)
+    elif path == WORLD_SMALL:
+        from rexrag_fast.train.world_model import load_world_small
+
+        model, tokenizer = load_world_small(seed=cfg.trainer.seed)
     elif Path(path).is_dir():
         model, tokenizer = load_pretrained(path, dtype=torch.float32)
         if cfg.model.tokenizer_path:
@@ -117,8 +123,8 @@ def load_policy(cfg: Config) -> tuple[torch.nn.Module, Any]:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
                                                       trust_remote_code=cfg.model.trust_remote_code)
     else:
-        raise ValueError(f"model.path: expected {SMOLLM2!r}, {TINY_MODEL!r} or a Hugging Face model directory, "
-                         f"got {path!r} (not a directory)")
+        raise ValueError(f"model.path: expected {SMOLLM2!r}, {TINY_MODEL!r}, {WORLD_SMALL!r} or a Hugging Face model "
+                         f"directory, got {path!r} (not a directory)")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # the GGUF SmolLM2 is de-quantised to fp32 already (and refuses .float())
     return model.train(), tokenizer

@@ -32,7 +32,11 @@ from rexrag_fast.ops import causal_lm_logprobs
 @dataclass(frozen=True)
 class WarmStartConfig:
     """steps: optimizer steps; batch_size: trajectories per step; lr: peak AdamW learning rate reached
-    after warmup_steps; weight_decay: AdamW's; seed: batch order; grad_clip: max global grad norm."""
+    after warmup_steps; weight_decay: AdamW's; seed: batch order; grad_clip: max global grad norm;
+    micro_batch_tokens: tokens packed into one forward (gradients accumulate over a step's micro-batches).
+
+    Micro-batches keep packed attention cheap: a packed forward attends over a block-diagonal [T, T] mask,
+    so its cost grows with T^2 even though only the diagonal blocks count."""
 
     steps: int = 200
     batch_size: int = 8
@@ -41,9 +45,10 @@ class WarmStartConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    micro_batch_tokens: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "micro_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WarmStartConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -53,8 +58,8 @@ class WarmStartConfig:
                              f"{self.warmup_steps} and {self.grad_clip}")
 
 
-def masked_nll(model: torch.nn.Module, trajectories: Sequence[Trajectory]) -> torch.Tensor:
-    """Mean negative log-likelihood of the loss-masked tokens of `trajectories` (scalar, differentiable).
+def masked_nll_sum(model: torch.nn.Module, trajectories: Sequence[Trajectory]) -> tuple[torch.Tensor, int]:
+    """(sum of -log p over the loss-masked tokens of `trajectories` (differentiable), number of such tokens).
 
     Packed: input_ids [T], cu_seqlens [B+1]; lp[t] = log p(x[t+1] | prefix) from causal_lm_logprobs, so the
     target mask is the loss mask shifted left by one (a sequence's first token is a PROMPT token, never a
@@ -63,10 +68,28 @@ def masked_nll(model: torch.nn.Module, trajectories: Sequence[Trajectory]) -> to
     lp = causal_lm_logprobs(model, batch["input_ids"], cu_seqlens=batch["cu_seqlens"])
     target = torch.zeros_like(lp)
     target[:-1] = batch["response_mask"][1:].float()
-    n = target.sum()
+    return -(lp * target).sum(), int(target.sum())
+
+
+def masked_nll(model: torch.nn.Module, trajectories: Sequence[Trajectory]) -> torch.Tensor:
+    """Mean negative log-likelihood of the loss-masked tokens of `trajectories` (scalar, differentiable)."""
+    total, n = masked_nll_sum(model, trajectories)
     if n == 0:
         raise ValueError("masked_nll: the trajectories hold no loss-masked (model-written) tokens")
-    return -(lp * target).sum() / n
+    return total / n
+
+
+def split_by_tokens(trajectories: Sequence[Trajectory], budget: int) -> list[list[Trajectory]]:
+    """Consecutive groups of at most `budget` tokens (a longer trajectory forms a group of its own)."""
+    groups: list[list[Trajectory]] = []
+    used = budget
+    for t in trajectories:
+        if used + len(t.token_ids) > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += len(t.token_ids)
+    return groups
 
 
 def train_warm_start(
@@ -97,13 +120,20 @@ def train_warm_start(
         if len(order) < config.batch_size:
             order += torch.randperm(len(trajectories), generator=gen).tolist()
         idx, order = order[: config.batch_size], order[config.batch_size :]
-        loss = masked_nll(model, [trajectories[i] for i in idx])
+        step_trajectories = [trajectories[i] for i in idx]
+        n = sum(int(sum(t.loss_mask[1:])) for t in step_trajectories)
+        if n == 0:
+            raise ValueError("train_warm_start: a batch holds no loss-masked (model-written) tokens")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for group in split_by_tokens(step_trajectories, config.micro_batch_tokens):
+            part, _ = masked_nll_sum(model, group)
+            (part / n).backward()
+            loss += float(part.detach()) / n
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
