@@ -16,7 +16,9 @@ untimed call (which also warms DeepSpeed up); the timed call repeats the same st
 the weights that call left.
 
 Presets: tiny = the demo's model "world-small" (2-layer Qwen2, hidden 128, world tokenizer of 8192 tokens),
-untrained, on the embedded world, 2 questions x 2 rollouts (it never answers, so the batch has no probes);
+untrained, on the embedded world, and a random 2-layer Qwen2 with SmolLM2's 49,152-token vocabulary
+("tiny-qwen2", where the [T, V] head dominates and the fused log-probs matter most); 2 questions x 2
+rollouts each (an untrained model never answers, so the batch has no probes);
 qwen2.5-3b = the embedded SmolLM2-135M (no larger model ships offline) with the reference's batch shape
 scaled to one GPU: 32 questions x 5 rollouts, 3 turns of up to 128 tokens.
 """
@@ -32,14 +34,16 @@ import torch
 from bench.harness import Progress, Row, stage
 from rexrag_fast.testing import TensorMemoryTracker
 
+TINY = ["data.train_batch_size=2", "actor.ppo_mini_batch_size=1", "rollout.n_agent=2", "rollout.max_turns=1",
+        "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
+        "actor.max_tokens_per_micro_batch=1024"]
+# One list of overrides per measured model.
 PRESETS = {
-    "tiny": ["model.path=world-small", "data.train_batch_size=2", "actor.ppo_mini_batch_size=1",
-             "rollout.n_agent=2", "rollout.max_turns=1", "data.max_prompt_length=512", "data.max_start_length=320",
-             "data.max_response_length=16", "actor.max_tokens_per_micro_batch=1024"],
-    "qwen2.5-3b": ["model.path=smollm2-135m", "data.train_batch_size=32", "actor.ppo_mini_batch_size=16",
+    "tiny": [["model.path=world-small", *TINY], ["model.path=tiny-qwen2", *TINY]],
+    "qwen2.5-3b": [["model.path=smollm2-135m", "data.train_batch_size=32", "actor.ppo_mini_batch_size=16",
                    "rollout.n_agent=5", "rollout.max_turns=3", "data.max_prompt_length=2048",
                    "data.max_start_length=512", "data.max_response_length=128",
-                   "actor.max_tokens_per_micro_batch=16384", "deepspeed.precision=auto"],
+                   "actor.max_tokens_per_micro_batch=16384", "deepspeed.precision=auto"]],
 }
 COMMON = ["trainer.seed=3", "actor.lr=1e-5", "trainer.tensorboard=false", "trainer.progress_bar=false",
           "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=0.5",
@@ -60,66 +64,70 @@ def _clone_batch(batch):
 @stage("train_step")
 def run(preset: str, progress: Progress) -> list[Row]:
     from rexrag_fast.train import distributed as du
-    from rexrag_fast.train.config import load_config
-    from rexrag_fast.train.trainer import (
-        RLTrainer,
-        build_retriever,
-        ensure_process_group,
-        load_policy,
-        load_train_examples,
-    )
+    from rexrag_fast.train.trainer import ensure_process_group
 
-    overrides = PRESETS[preset] + COMMON
+    rows: list[Row] = []
     env_before = dict(os.environ)
+    # One process group for every model: DeepSpeed caches its groups, so a second init in-process fails.
     ensure_process_group()
     try:
-        base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
-                           overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step"])
-        model, tokenizer = load_policy(base)
-        retriever = build_retriever(base)
-        examples = load_train_examples(base)
-        cuda = torch.cuda.is_available()
-        trainers = {}
-        for path, fused in (("fused", True), ("eager", False)):
-            cfg = copy.deepcopy(base)
-            cfg.actor.use_fused_kernels = fused
-            trainers[path] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
-                                       examples=examples)
-        progress("trainers built; rolling out")
-        t0 = time.perf_counter()
-        batch, rollout_m = trainers["fused"].rollout(1)
-        rollout_s = time.perf_counter() - t0
-        tokens = sum(len(t) for t in batch.trajs)
-        progress(f"rollout: {len(batch.trajs)} trajectories ({int(rollout_m['count/probes_made'])} probes), "
-                 f"{tokens} tokens in {rollout_s:.1f}s")
-        seconds, peak, metrics = {}, {}, {}
-        for path, trainer in trainers.items():
-            # Untimed first call: warms DeepSpeed up and measures peak memory.
-            state = copy.deepcopy(trainer.state)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                trainer.learn(_clone_batch(batch), rollout_m)
-                peak[path] = torch.cuda.max_memory_allocated() - before
-            else:
-                with TensorMemoryTracker() as tracker:
-                    trainer.learn(_clone_batch(batch), rollout_m)
-                peak[path] = tracker.peak_bytes
-            trainer.state = state  # the timed call repeats the same step
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            metrics[path] = trainer.learn(_clone_batch(batch), rollout_m)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds[path] = time.perf_counter() - t0
-            progress(f"{path}: learn {seconds[path]:.2f}s, peak {peak[path] / 2**20:.1f} MiB")
+        for overrides in PRESETS[preset]:
+            rows += _measure(overrides + COMMON, progress)
     finally:
         du.destroy_process_group()
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             if key not in env_before:
                 os.environ.pop(key, None)
+    return rows
+
+
+def _measure(overrides: list[str], progress: Progress) -> list[Row]:
+    """Rows for one model: a rolled-out batch learned by the fused and by the eager path."""
+    from rexrag_fast.train.config import load_config
+    from rexrag_fast.train.trainer import RLTrainer, build_retriever, load_policy, load_train_examples
+
+    base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
+                       overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step"])
+    model, tokenizer = load_policy(base)
+    retriever = build_retriever(base)
+    examples = load_train_examples(base)
+    cuda = torch.cuda.is_available()
+    trainers = {}
+    for path, fused in (("fused", True), ("eager", False)):
+        cfg = copy.deepcopy(base)
+        cfg.actor.use_fused_kernels = fused
+        trainers[path] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
+                                   examples=examples)
+    progress(f"{base.model.path}: trainers built; rolling out")
+    t0 = time.perf_counter()
+    batch, rollout_m = trainers["fused"].rollout(1)
+    rollout_s = time.perf_counter() - t0
+    tokens = sum(len(t) for t in batch.trajs)
+    progress(f"rollout: {len(batch.trajs)} trajectories ({int(rollout_m['count/probes_made'])} probes), "
+             f"{tokens} tokens in {rollout_s:.1f}s")
+    seconds, peak, metrics = {}, {}, {}
+    for path, trainer in trainers.items():
+        # Untimed first call: warms DeepSpeed up and measures peak memory.
+        state = copy.deepcopy(trainer.state)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            trainer.learn(_clone_batch(batch), rollout_m)
+            peak[path] = torch.cuda.max_memory_allocated() - before
+        else:
+            with TensorMemoryTracker() as tracker:
+                trainer.learn(_clone_batch(batch), rollout_m)
+            peak[path] = tracker.peak_bytes
+        trainer.state = state  # the timed call repeats the same step
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        metrics[path] = trainer.learn(_clone_batch(batch), rollout_m)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds[path] = time.perf_counter() - t0
+        progress(f"{path}: learn {seconds[path]:.2f}s, peak {peak[path] / 2**20:.1f} MiB")
 
     train_tokens = metrics["fused"]["batch/train_tokens"]
     config = (f"{base.model.path}, {len(batch.trajs)} traj ({int(rollout_m['count/probes_made'])} probes), "
@@ -130,12 +138,14 @@ def run(preset: str, progress: Progress) -> list[Row]:
     learn = {p: train_tokens / seconds[p] for p in seconds}
     extra = {"rollout_s": rollout_s, "learn_s_fused": seconds["fused"], "learn_s_eager": seconds["eager"],
              "loss_fused": metrics["fused"]["actor/loss"], "loss_eager": metrics["eager"]["actor/loss"]}
+    model_name = {"tiny-qwen2": "tiny-qwen2, 49k vocab"}.get(base.model.path, base.model.path)
     return [
-        Row("train_step", "full RL step", step["fused"], "train tokens/s", step["eager"], "eager log-probs + loss",
-            config, extra),
-        Row("train_step", "learn (log-probs, update, sync)", learn["fused"], "train tokens/s", learn["eager"],
+        Row("train_step", f"full RL step ({model_name})", step["fused"], "train tokens/s", step["eager"],
+            "eager log-probs + loss", config, extra),
+        Row("train_step", f"learn ({model_name})", learn["fused"], "train tokens/s", learn["eager"],
             "eager log-probs + loss", config),
-        Row("train_step", "peak memory of learn", peak["fused"] / 2**20, "MiB", None, "", config,
+        Row("train_step", f"peak memory of learn ({model_name})", peak["fused"] / 2**20, "MiB", None, "", config,
             {"eager_MiB": peak["eager"] / 2**20}),
-        Row("train_step", "memory ratio", peak["fused"] / peak["eager"], "fused / eager peak", None, "", config),
+        Row("train_step", f"memory ratio ({model_name})", peak["fused"] / peak["eager"], "fused / eager peak", None, "",
+            config),
     ]

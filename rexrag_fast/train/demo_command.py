@@ -112,17 +112,20 @@ def summarize_run(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Plain-text table: one row per (method, seed), then the per-method means."""
+    """Plain-text table: one row per (method, seed) (training reward as the mean of the first and of the last
+    5 steps: one step's 32 rollouts are too few to read alone), then the per-method means."""
     lines = [f"held-out EM before RL (warm start): {100 * result['em_before']:.1f}%  "
              f"({result['n_eval']} test questions)",
-             f"{'method':<8} {'seed':>4} {'EM after':>9} {'reward 1st':>10} {'reward last':>11} {'probes':>7} "
+             f"{'method':<8} {'seed':>4} {'EM after':>9} {'reward 1-5':>10} {'reward -5..':>11} {'probes':>7} "
              f"{'kept':>5} {'prefill saved':>13} {'rollout tok/s':>13} {'probe tok/s':>11} {'update tok/s':>12}",
              "-" * 112]
     for run in result["runs"]:
         rw = [x for x in run["reward"] if x is not None]
         tps = run["tokens_per_s"]
+        first = sum(rw[:5]) / len(rw[:5]) if rw else float("nan")
+        last = sum(rw[-5:]) / len(rw[-5:]) if rw else float("nan")
         lines.append(f"{run['method']:<8} {run['seed']:>4} {100 * run['em_after']:8.1f}% "
-                     f"{rw[0] if rw else float('nan'):10.3f} {rw[-1] if rw else float('nan'):11.3f} "
+                     f"{first:10.3f} {last:11.3f} "
                      f"{run['probes_made']:7.0f} {run['probes_kept']:5.0f} {run['probe_cached_tokens']:13.0f} "
                      f"{tps.get('rollout_tokens_per_s') or 0:13.1f} {tps.get('probe_tokens_per_s') or 0:11.1f} "
                      f"{tps.get('update_tokens_per_s') or 0:12.1f}")
@@ -148,7 +151,13 @@ def plot(result: dict[str, Any], png: Path) -> Path:
     for run in result["runs"]:
         pts = [(s, r) for s, r in zip(run["steps"], run["reward"]) if r is not None]
         if pts:
-            ax_r.plot(*zip(*pts), color=colors[run["method"]], alpha=0.8, label=f"{run['method']} seed {run['seed']}")
+            steps, rewards = zip(*pts)
+            ax_r.plot(steps, rewards, color=colors[run["method"]], alpha=0.15, linewidth=0.8)
+            # 5-step trailing mean: the trend under the per-step noise of a small batch
+            windows = [rewards[max(0, i - 4):i + 1] for i in range(len(rewards))]
+            smooth = [sum(w) / len(w) for w in windows]
+            ax_r.plot(steps, smooth, color=colors[run["method"]], alpha=0.9,
+                      label=f"{run['method']} seed {run['seed']} (5-step mean)")
         ax_e.plot([0, max(run["steps"] or [0])], [result["em_before"], run["em_after"]], marker="o",
                   color=colors[run["method"]], alpha=0.8, label=f"{run['method']} seed {run['seed']}")
     ax_r.set(xlabel="RL step", ylabel="training reward (EM of rollouts)", title="reward")
