@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 30, --quick 12)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
     parser.add_argument("--quick", action="store_true",
-                        help="a short run: fewer demonstrations, steps and eval questions")
+                        help="a short run: 12 RL steps instead of 30, 100 eval questions instead of 200")
     parser.add_argument("--model", default="small", choices=["small", "smollm2"], help="policy to warm-start")
     parser.add_argument("--config", type=Path, default=None, help="RL config (default configs/demo_cpu.yaml)")
     parser.add_argument("--warm-steps", type=int, default=None,
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from rexrag_fast.train.config import load_config
     from rexrag_fast.train.demonstrations import make_demonstrations
     from rexrag_fast.train.warm_start import WarmStartConfig, save_checkpoint_dir, train_warm_start, warm_start_key
-    from rexrag_fast.train.world_model import WORLD_VOCAB, load_world_tokenizer
+    from rexrag_fast.train.world_model import load_world_tokenizer
 
     # The warm start is not shortened by --quick: copying names from the documents appears after 500-900 steps.
     steps = args.steps if args.steps is not None else (12 if args.quick else 30)
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
     world_dir = default_world_dir()
     world = World.load(world_dir)
-    tokenizer = load_smollm2_tokenizer() if args.model == "smollm2" else load_world_tokenizer(world, WORLD_VOCAB)
+    tokenizer = load_smollm2_tokenizer() if args.model == "smollm2" else load_world_tokenizer(world)
     retriever = LocalRetriever.for_world(world_dir, progress=progress)
 
     demos = make_demonstrations(world.split("train")[:n_demos], world, retriever, tokenizer, topk=cfg.retriever.topk,

@@ -45,7 +45,7 @@ def world_training_text(world: Any) -> list[str]:
     return texts + [SEARCH_R1_TEMPLATE, PROTOCOL_TEXT] * 64
 
 
-def train_world_tokenizer(world: Any, vocab_size: int = 8192) -> Any:
+def train_world_tokenizer(world: Any, vocab_size: int = WORLD_VOCAB) -> Any:
     """A PreTrainedTokenizerFast (byte-level BPE, `vocab_size` entries incl. SPECIAL_TOKENS) for `world`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -64,7 +64,7 @@ def train_world_tokenizer(world: Any, vocab_size: int = 8192) -> Any:
     return tokenizer
 
 
-def load_world_tokenizer(world: Any, vocab_size: int = 8192) -> Any:
+def load_world_tokenizer(world: Any, vocab_size: int = WORLD_VOCAB) -> Any:
     """`train_world_tokenizer(world, vocab_size)`, trained once and then loaded from the cache dir."""
     from transformers import AutoTokenizer
 
@@ -102,5 +102,5 @@ def load_world_small(seed: int = 0) -> tuple[Any, Any]:
     """(fresh SMALL_MODEL, world tokenizer) for the default embedded world: what model.path "world-small" loads."""
     from rexrag_fast.data.world import World, default_world_dir
 
-    tokenizer = load_world_tokenizer(World.load(default_world_dir()), WORLD_VOCAB)
+    tokenizer = load_world_tokenizer(World.load(default_world_dir()))
     return small_model(tokenizer, seed)[0], tokenizer
