@@ -349,15 +349,19 @@ def _common(lp: torch.Tensor, cu_seqlens: torch.Tensor, adv_seq, adv_tok, ref, p
     return B, adv, (ref if ref is not None else lp), (probe if probe is not None else lp)
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, estimator: int, epsilon: float) -> torch.Tensor:
+# The estimators the advantage kernel computes, and the code it branches on.
+ESTIMATORS = {"grpo": 0, "dr_grpo": 1, "rloo": 2}
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str, epsilon: float) -> torch.Tensor:
     """Outcome advantage per sequence [B] fp32 from rewards [B] and group labels [B] (one launch).
 
-    estimator: 0 GRPO (r - mean) / (std + eps), 1 Dr. GRPO r - mean, 2 RLOO; a group of one gives
-    r / (1 + eps), r, r respectively (verl's mean 0, std 1).
+    estimator (a key of ESTIMATORS): grpo (r - mean) / (std + eps), dr_grpo r - mean, rloo; a group of one
+    gives r / (1 + eps), r, r respectively (verl's mean 0, std 1).
     """
     B = rewards.numel()
     adv = torch.empty(B, dtype=torch.float32, device=rewards.device)
-    _group_advantage_kernel[(B,)](rewards, group_ids, adv, B, epsilon, ESTIMATOR=estimator,
+    _group_advantage_kernel[(B,)](rewards, group_ids, adv, B, epsilon, ESTIMATOR=ESTIMATORS[estimator],
                                   BLOCK_B=max(16, min(1024, triton.next_power_of_2(B))))
     return adv
 
@@ -369,18 +373,20 @@ def policy_loss_forward(
     lp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
     adv_seq: torch.Tensor | None, adv_tok: torch.Tensor | None, ref: torch.Tensor | None,
     probe: torch.Tensor | None, lo_bound: float, hi_bound: float, clip_c: float, log1m_alpha: float,
-    log_alpha: float, kl_kind: int, kl_coef: float, agg_mode: int, scale: float | None,
+    log_alpha: float, kl_kind: str, kl_coef: float, agg_mode: str, scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward pass over T tokens and the one-program finalize.
 
     Args: lp, old, mask [T] (mask bool); cu_seqlens [B+1] int32; adv_seq [B] fp32 or adv_tok [T];
-    ref, probe [T] or None (probe given only when alpha > 0); agg_mode from AGG_MODES; scale: divisor of
+    ref, probe [T] or None (probe given only when alpha > 0); kl_kind a key of KL_KINDS, agg_mode a key of
+    AGG_MODES (the launcher owns the codes the kernels branch on); scale: divisor of
     seq-mean-token-sum-norm, None for the longest sequence.
     Returns: loss 0-d fp32; weight fp32 [B] for seq-mean-token-mean else [1] (the d loss / d l_t factor of
     each token); metrics [len(METRIC_NAMES)] fp32.
     """
     T = lp.numel()
     B, adv, ref_t, probe_t = _common(lp, cu_seqlens, adv_seq, adv_tok, ref, probe)
+    agg_mode, kl_code = AGG_MODES[agg_mode], KL_KINDS[kl_kind]
     per_seq = agg_mode in (1, 2)
     BLOCK = _block_size(T)
     n_blocks = max(1, cdiv(T, BLOCK))
@@ -393,7 +399,7 @@ def policy_loss_forward(
             lp, old, mask, adv, ref_t, probe_t, cu_seqlens, partials, seq_sums,
             T, B, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
             ADV_PER_TOKEN=adv_tok is not None, HAS_REF=ref is not None, HAS_PROBE=probe is not None,
-            KL_KIND=kl_kind, PER_SEQ=per_seq, NEED_SEQ=per_seq or adv_tok is None,
+            KL_KIND=kl_code, PER_SEQ=per_seq, NEED_SEQ=per_seq or adv_tok is None,
             LOG2_B=(B - 1).bit_length(), N_COLS=N_PARTIALS, BLOCK=BLOCK,
         )
     else:
@@ -414,7 +420,7 @@ def policy_loss_backward(
     lp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, grad_out: torch.Tensor,
     weight: torch.Tensor, *, adv_seq: torch.Tensor | None, adv_tok: torch.Tensor | None,
     ref: torch.Tensor | None, probe: torch.Tensor | None, lo_bound: float, hi_bound: float, clip_c: float,
-    log1m_alpha: float, log_alpha: float, kl_coef: float, kl_kind: int, kl_straight: bool, weight_per_seq: bool,
+    log1m_alpha: float, log_alpha: float, kl_coef: float, kl_kind: str, kl_straight: bool, weight_per_seq: bool,
 ) -> torch.Tensor:
     """Launch the backward pass: dloss/dlp [T] in lp's dtype.
 
@@ -431,7 +437,7 @@ def policy_loss_backward(
         lp, old, mask, adv, ref_t, probe_t, cu_seqlens, grad_out, weight, dlp,
         T, B, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha, kl_coef,
         ADV_PER_TOKEN=adv_tok is not None, HAS_REF=ref is not None, HAS_PROBE=probe is not None,
-        KL_KIND=kl_kind, KL_STRAIGHT=kl_straight, WEIGHT_PER_SEQ=weight_per_seq,
+        KL_KIND=KL_KINDS[kl_kind], KL_STRAIGHT=kl_straight, WEIGHT_PER_SEQ=weight_per_seq,
         NEED_SEQ=weight_per_seq or adv_tok is None, LOG2_B=(B - 1).bit_length(), BLOCK=BLOCK,
     )
     return dlp

@@ -43,7 +43,7 @@ def test_cli_eval_end_to_end(tmp_path, tmp_path_factory) -> None:
 
     world = small_world(tmp_path_factory)
     out = tmp_path / "scores.json"
-    rc = main(["eval", "--model", "tiny", "--data", str(world / "test.parquet"), str(world / "test.jsonl"),
+    rc = main(["eval", "--model", "tiny-qwen2", "--data", str(world / "test.parquet"), str(world / "test.jsonl"),
                "--retriever", str(world), "--n", "2", "--max-turns", "1", "--max-tokens-per-turn", "3",
                "--json", str(out), "--no-progress", "--batch-size", "3"])
     assert rc == 0

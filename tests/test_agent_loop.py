@@ -28,7 +28,7 @@ class CountingRetriever:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from rexrag_fast.engine.models import load_smollm2_tokenizer
+    from rexrag_fast.engine.loaders import load_smollm2_tokenizer
 
     return load_smollm2_tokenizer()
 
@@ -57,7 +57,7 @@ def retriever(world):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from rexrag_fast.engine.models import tiny_model
+    from rexrag_fast.engine.loaders import tiny_model
 
     return tiny_model("qwen2", vocab_size=len(tokenizer), seed=0)
 
@@ -214,7 +214,7 @@ def test_smollm2_on_world(tokenizer, world, retriever):
     """The real SmolLM2-135M-Instruct, greedy: bookkeeping and log-probs hold whatever it writes."""
     from rexrag_fast.agent.reward import batch_scores
     from rexrag_fast.data.datasets import load_world_split
-    from rexrag_fast.engine.models import load_smollm2
+    from rexrag_fast.engine.loaders import load_smollm2
 
     model, tok = load_smollm2()
     engine = make_engine(model, tok)

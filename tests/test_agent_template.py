@@ -15,7 +15,7 @@ from rexrag_fast.agent.template import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from rexrag_fast.engine.models import load_smollm2_tokenizer
+    from rexrag_fast.engine.loaders import load_smollm2_tokenizer
 
     return load_smollm2_tokenizer()
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rexrag_fast.agent.trajectory import Component, Trajectory, pack_trajectories, pad_trajectories
+from rexrag_fast.agent.trajectory import Component, Trajectory, pad_trajectories
+from rexrag_fast.train.packing import pack_trajectories
 
 
 def _sample(prompt_len: int = 3, seed: int = 0) -> Trajectory:
@@ -88,19 +89,20 @@ def test_pack_contract() -> None:
     a, b = _sample(3, 0), _sample(5, 1)
     probe_b = [float(-i) for i in range(len(b))]
     packed = pack_trajectories([a, b], rewards=[1.0, 0.0], group_ids=[0, 0], probe_logprobs=[None, probe_b])
+    tok, seq = packed.per_token, packed.per_sequence
     t_total = len(a) + len(b)
-    assert packed["input_ids"].shape == (t_total,) and packed["input_ids"].dtype == torch.int64
-    assert packed["cu_seqlens"].tolist() == [0, len(a), t_total] and packed["cu_seqlens"].dtype == torch.int32
-    assert packed["response_mask"].dtype == torch.bool
-    assert packed["response_mask"].tolist() == a.loss_mask + b.loss_mask
-    assert packed["component_mask"].tolist() == a.components + b.components
-    assert packed["old_logprobs"].dtype == torch.float32
-    assert packed["old_logprobs"].tolist() == pytest.approx(a.logprobs + b.logprobs)
-    assert torch.isneginf(packed["probe_logprobs"][: len(a)]).all()
-    assert packed["probe_logprobs"][len(a) :].tolist() == probe_b
-    assert packed["position_ids"].tolist() == list(range(len(a))) + list(range(len(b)))
-    assert packed["rewards"].tolist() == [1.0, 0.0] and packed["group_ids"].tolist() == [0, 0]
-    with pytest.raises(ValueError, match="rewards has 1 items for 2"):
+    assert packed.input_ids.shape == (t_total,) and packed.input_ids.dtype == torch.int64
+    assert packed.cu_seqlens.tolist() == [0, len(a), t_total] and packed.cu_seqlens.dtype == torch.int32
+    assert tok["response_mask"].dtype == torch.bool
+    assert tok["response_mask"].tolist() == a.loss_mask + b.loss_mask
+    assert tok["component_mask"].tolist() == a.components + b.components
+    assert tok["old_logprobs"].dtype == torch.float32
+    assert tok["old_logprobs"].tolist() == pytest.approx(a.logprobs + b.logprobs)
+    assert torch.isneginf(tok["probe_logprobs"][: len(a)]).all()
+    assert tok["probe_logprobs"][len(a) :].tolist() == probe_b
+    assert packed.position_ids.tolist() == list(range(len(a))) + list(range(len(b)))
+    assert seq["rewards"].tolist() == [1.0, 0.0] and seq["group_ids"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match=r"per_sequence\['rewards'\]: expected 2 values"):
         pack_trajectories([a, b], rewards=[1.0])
     with pytest.raises(ValueError, match="at least one"):
         pack_trajectories([])
@@ -112,8 +114,8 @@ def test_pad_layout_matches_pack() -> None:
     packed = pack_trajectories([a, b])
     am = padded["attention_mask"]
     assert am.sum(1).tolist() == [len(a), len(b)]
-    assert padded["input_ids"][am].tolist() == packed["input_ids"].tolist()
-    assert padded["response_mask"][am].tolist() == packed["response_mask"].tolist()
+    assert padded["input_ids"][am].tolist() == packed.input_ids.tolist()
+    assert padded["response_mask"][am].tolist() == packed.per_token["response_mask"].tolist()
     assert not padded["response_mask"][~am].any()
     assert (padded["input_ids"][~am] == -7).all()
-    assert padded["old_logprobs"][am].tolist() == packed["old_logprobs"].tolist()
+    assert padded["old_logprobs"][am].tolist() == packed.per_token["old_logprobs"].tolist()

@@ -24,7 +24,7 @@ def world(tmp_path_factory):
 
 
 def test_rexrag_probe_rows_reuse_the_forked_prefix(world):
-    from rexrag_fast.engine.models import load_smollm2_tokenizer, tiny_model
+    from rexrag_fast.engine.loaders import load_smollm2_tokenizer, tiny_model
 
     tokenizer = load_smollm2_tokenizer()
     model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0)

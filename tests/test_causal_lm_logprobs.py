@@ -113,7 +113,7 @@ def test_smollm2_packed_equals_each_sequence_alone(seed):
     """The real embedded model (Llama architecture, tied embeddings, sdpa), dequantised from its GGUF file."""
     from transformers import AutoModelForCausalLM
 
-    from rexrag_fast.engine.models import SMOLLM2_GGUF, smollm2_dir
+    from rexrag_fast.engine.loaders import SMOLLM2_GGUF, smollm2_dir
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF,
                                                  dtype=torch.float32).eval()

@@ -92,7 +92,7 @@ def test_world_split() -> None:
 
 
 def test_world_prompt_wrapped_with_template() -> None:
-    from rexrag_fast.engine.models import load_smollm2_tokenizer
+    from rexrag_fast.engine.loaders import load_smollm2_tokenizer
 
     tok = load_smollm2_tokenizer()
     ex = load_world_split("test")[0]

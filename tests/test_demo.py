@@ -37,7 +37,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from rexrag_fast.engine.models import load_smollm2_tokenizer
+    from rexrag_fast.engine.loaders import load_smollm2_tokenizer
 
     return load_smollm2_tokenizer()
 
@@ -56,7 +56,7 @@ def demo_set(world, retriever, tokenizer):
 
 
 def _tiny(tokenizer, seed=0):
-    from rexrag_fast.engine.models import tiny_model
+    from rexrag_fast.engine.loaders import tiny_model
 
     return tiny_model("qwen2", vocab_size=len(tokenizer), seed=seed, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
@@ -198,7 +198,7 @@ def test_warm_start_is_deterministic(demo_set, tokenizer):
 
 
 def test_checkpoint_dir_loads_back(demo_set, tokenizer, tmp_path):
-    from rexrag_fast.engine.models import load_pretrained
+    from rexrag_fast.engine.loaders import load_pretrained
 
     model = _tiny(tokenizer)
     out = save_checkpoint_dir(model, tokenizer, tmp_path / "ws", info={"losses": [1.0]})
@@ -288,8 +288,8 @@ def test_default_small_model_starts_near_uniform(demo_set, tokenizer):
 
     from rexrag_fast.train.demo_command import build_model
 
-    model, spec = build_model("small", tokenizer, seed=0)
-    assert spec["name"] == "small" and model.config.vocab_size == len(tokenizer)
+    model, spec = build_model("world-small", tokenizer, seed=0)
+    assert spec["name"] == "world-small" and model.config.vocab_size == len(tokenizer)
     trajs = sorted((d.trajectory for d in demo_set.demos), key=len)[:2]
     with torch.no_grad():
         loss = float(masked_nll(model, trajs))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
-from rexrag_fast.engine.models import tiny_model
+from rexrag_fast.engine.loaders import tiny_model
 
 VOCAB = 256
 OK = SamplingParams(temperature=0.0, max_tokens=4, stop=())

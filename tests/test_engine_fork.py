@@ -8,7 +8,7 @@ from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
 from rexrag_fast.engine.hf_reference import hf_greedy
-from rexrag_fast.engine.models import tiny_model
+from rexrag_fast.engine.loaders import tiny_model
 
 VOCAB = 512
 BLOCK = 8

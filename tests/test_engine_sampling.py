@@ -7,7 +7,7 @@ import torch
 from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
-from rexrag_fast.engine.models import load_smollm2_tokenizer, tiny_model
+from rexrag_fast.engine.loaders import load_smollm2_tokenizer, tiny_model
 from rexrag_fast.engine.sampling import sample, truncate_probs
 from rexrag_fast.engine.stop import StopChecker
 

@@ -7,7 +7,7 @@ import torch
 
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
 from rexrag_fast.engine.hf_reference import hf_greedy, hf_logprobs
-from rexrag_fast.engine.models import load_smollm2
+from rexrag_fast.engine.loaders import load_smollm2
 from rexrag_fast.testing import assert_close
 
 pytestmark = pytest.mark.slow

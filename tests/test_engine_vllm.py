@@ -25,7 +25,7 @@ def test_missing_vllm_says_what_to_install():
 @pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed")
 def test_vllm_backend_matches_engine_greedy(tmp_path):
     from rexrag_fast.engine import EngineConfig, LLMEngine
-    from rexrag_fast.engine.models import load_smollm2
+    from rexrag_fast.engine.loaders import load_smollm2
     from rexrag_fast.engine.vllm_backend import VLLMEngine
 
     model, tokenizer = load_smollm2()

@@ -244,7 +244,7 @@ def test_masked_garbage_does_not_change_result(backend):
 
 
 def _kernel_group_advantages(rewards, ids, estimator):
-    return kernels.group_advantages(rewards, ids, {"grpo": 0, "dr_grpo": 1, "rloo": 2}[estimator], 1e-6)
+    return kernels.group_advantages(rewards, ids, estimator, 1e-6)
 
 
 @pytest.mark.parametrize("impl", [group_advantages, _kernel_group_advantages], ids=["torch", "triton"])

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from rexrag_fast.agent.loop import AgentConfig
 from rexrag_fast.agent.trajectory import Component, Trajectory
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
-from rexrag_fast.engine.models import tiny_model
+from rexrag_fast.engine.loaders import tiny_model
 from rexrag_fast.rexrag.probes import answer_start, fork_probe, make_probes, run_probes
 from rexrag_fast.rexrag.prompts import DEFAULT_EXPLORE_PROMPTS, tokenize_prompts
 

@@ -25,16 +25,12 @@ import torch
 from dist_helpers import free_port, run_torchrun, torchrun_command, torchrun_env
 
 from rexrag_fast.cli import main as cli_main
+from rexrag_fast.retrieval.retriever import RetrieverUnavailableError, check_retriever
 from rexrag_fast.train.config import load_config
 from rexrag_fast.train.metrics import read_metrics
-from rexrag_fast.train.trainer import (
-    PromptStream,
-    RetrieverUnavailableError,
-    agent_config,
-    check_retriever,
-    derive_seed,
-    split_mini_batches,
-)
+from rexrag_fast.train.packing import split_mini_batches
+from rexrag_fast.train.rexrag_stage import derive_seed
+from rexrag_fast.train.rollout import PromptStream, agent_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CPU = ROOT / "configs" / "tiny_cpu.yaml"
@@ -143,7 +139,7 @@ def two_step_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
-    from rexrag_fast.engine.models import load_smollm2_tokenizer, tiny_model
+    from rexrag_fast.engine.loaders import load_smollm2_tokenizer, tiny_model
 
     model = tiny_model("qwen2", vocab_size=len(load_smollm2_tokenizer()), seed=SEED, tie_word_embeddings=False)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -214,6 +210,7 @@ def test_rexrag_step_with_probes(tmp_path: Path) -> None:
     assert grpo["batch/train_sequences"] == originals and not any(k.startswith("rexrag/") for k in grpo)
     assert grpo["reward/mean"] == pytest.approx(0.5) and math.isfinite(grpo["actor/loss"])
     assert grpo["actor/pg_loss"] != 0.0
+    assert result["collectives_checked"] > 0  # every collective ran on distributed.comm_device()
 
 
 @pytest.mark.slow

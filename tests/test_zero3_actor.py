@@ -12,12 +12,12 @@ import pytest
 import torch
 from dist_helpers import run_torchrun
 
-from rexrag_fast.engine.models import tiny_model
+from rexrag_fast.engine.loaders import tiny_model
+from rexrag_fast.ops.causal_lm import next_token_labels
 from rexrag_fast.testing import assert_close
 from rexrag_fast.train.actor import (
     PolicyLogprobs,
     build_deepspeed_config,
-    next_token_labels,
     shift_to_tokens,
     warmup_lr,
 )

@@ -84,17 +84,17 @@ def _kernel_seconds(b: dict[str, torch.Tensor], repeats: int = 50) -> float:
     B, L = b["lp"].shape
     flat = {k: b[k].reshape(-1) for k in ("lp", "old", "ref", "probe", "mask")}
     cu = torch.arange(B + 1, dtype=torch.int32, device=b["lp"].device) * L
-    adv = kernels.group_advantages(b["rewards"], b["group_ids"], 0, 1e-6)
+    adv = kernels.group_advantages(b["rewards"], b["group_ids"], "grpo", 1e-6)
     grad_out = torch.ones((), device=b["lp"].device)
     alpha = OPTIONS["alpha"]
     terms = dict(adv_seq=adv, adv_tok=None, ref=flat["ref"], probe=flat["probe"],
                  lo_bound=1 - OPTIONS["clip_ratio"], hi_bound=1 + OPTIONS["clip_ratio"],
                  clip_c=OPTIONS["clip_ratio_c"], log1m_alpha=math.log1p(-alpha), log_alpha=math.log(alpha),
-                 kl_kind=kernels.KL_KINDS["k3"])
+                 kl_kind="k3")
 
     def once() -> None:
         _, weight, _ = kernels.policy_loss_forward(flat["lp"], flat["old"], flat["mask"], cu, **terms,
-                                                   kl_coef=OPTIONS["kl_coef"], agg_mode=0, scale=None)
+                                                   kl_coef=OPTIONS["kl_coef"], agg_mode="token-mean", scale=None)
         kernels.policy_loss_backward(flat["lp"], flat["old"], flat["mask"], cu, grad_out, weight, **terms,
                                      kl_coef=OPTIONS["kl_coef"], kl_straight=False, weight_per_seq=False)
 

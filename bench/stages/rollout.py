@@ -43,7 +43,7 @@ from rexrag_fast.agent.reward import exact_match
 from rexrag_fast.agent.template import encode_prompt
 from rexrag_fast.agent.trajectory import Trajectory
 from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
-from rexrag_fast.engine.models import load_smollm2, load_smollm2_tokenizer, tiny_model
+from rexrag_fast.engine.loaders import load_smollm2, load_smollm2_tokenizer, tiny_model
 from rexrag_fast.train.world_model import load_world_small
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,

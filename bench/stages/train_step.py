@@ -64,12 +64,11 @@ def _clone_batch(batch):
 @stage("train_step")
 def run(preset: str, progress: Progress) -> list[Row]:
     from rexrag_fast.train import distributed as du
-    from rexrag_fast.train.trainer import ensure_process_group
 
     rows: list[Row] = []
     env_before = dict(os.environ)
     # One process group for every model: DeepSpeed caches its groups, so a second init in-process fails.
-    ensure_process_group()
+    du.init_distributed()
     try:
         for overrides in PRESETS[preset]:
             rows += _measure(overrides + COMMON, progress)
@@ -84,12 +83,13 @@ def run(preset: str, progress: Progress) -> list[Row]:
 def _measure(overrides: list[str], progress: Progress) -> list[Row]:
     """Rows for one model: a rolled-out batch learned by the fused and by the eager path."""
     from rexrag_fast.train.config import load_config
-    from rexrag_fast.train.trainer import RLTrainer, build_retriever, load_policy, load_train_examples
+    from rexrag_fast.train.metrics import StepMetrics
+    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_policy, load_train_examples
 
     base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
                        overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step"])
     model, tokenizer = load_policy(base)
-    retriever = build_retriever(base)
+    retriever = build_trainer_retriever(base)
     examples = load_train_examples(base)
     cuda = torch.cuda.is_available()
     trainers = {}
@@ -100,10 +100,12 @@ def _measure(overrides: list[str], progress: Progress) -> list[Row]:
                                    examples=examples)
     progress(f"{base.model.path}: trainers built; rolling out")
     t0 = time.perf_counter()
-    batch, rollout_m = trainers["fused"].rollout(1)
+    rollout_m = StepMetrics()
+    batch = trainers["fused"].rollout(rollout_m)
+    probes_made = int(rollout_m.sums.get("count/probes_made", 0))
     rollout_s = time.perf_counter() - t0
     tokens = sum(len(t) for t in batch.trajs)
-    progress(f"rollout: {len(batch.trajs)} trajectories ({int(rollout_m['count/probes_made'])} probes), "
+    progress(f"rollout: {len(batch.trajs)} trajectories ({probes_made} probes), "
              f"{tokens} tokens in {rollout_s:.1f}s")
     seconds, peak, metrics = {}, {}, {}
     for path, trainer in trainers.items():
@@ -130,7 +132,7 @@ def _measure(overrides: list[str], progress: Progress) -> list[Row]:
         progress(f"{path}: learn {seconds[path]:.2f}s, peak {peak[path] / 2**20:.1f} MiB")
 
     train_tokens = metrics["fused"]["batch/train_tokens"]
-    config = (f"{base.model.path}, {len(batch.trajs)} traj ({int(rollout_m['count/probes_made'])} probes), "
+    config = (f"{base.model.path}, {len(batch.trajs)} traj ({probes_made} probes), "
               f"{int(train_tokens)} train tokens, ppo_epochs {base.actor.ppo_epochs}, "
               f"{base.data.train_batch_size // base.actor.ppo_mini_batch_size} mini-batches, "
               f"{'cuda' if cuda else 'cpu'} 1 rank ZeRO-{base.deepspeed.zero_stage}")

@@ -157,18 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(spec: str, device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for --model: 'smollm2', 'tiny' or a checkpoint directory."""
-    from rexrag_fast.engine.models import load_pretrained, load_smollm2, load_smollm2_tokenizer, tiny_model
+    """(model, tokenizer) for --model: a name of `train.models.MODEL_NAMES` or a checkpoint directory."""
+    from rexrag_fast.train.models import load_model as load_named_model
 
-    if spec == "smollm2":
-        model, tokenizer = load_smollm2()
-    elif spec == "tiny":
-        tokenizer = load_smollm2_tokenizer()
-        model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0)
-    elif Path(spec).is_dir():
-        model, tokenizer = load_pretrained(spec)
-    else:
-        raise ValueError(f"--model must be 'smollm2', 'tiny' or a checkpoint directory; {spec!r} is none of these")
+    model, tokenizer = load_named_model(spec, dtype=None, key="--model")
     if device is not None:
         model = model.to(device)
     return model, tokenizer
@@ -176,19 +168,9 @@ def load_model(spec: str, device: str | None = None) -> tuple[Any, Any]:
 
 def load_retriever(spec: str) -> Any:
     """The retriever for --retriever: an http(s) URL, 'world', a world directory or an index directory."""
-    from rexrag_fast.retrieval import LocalRetriever, RetrievalClient
+    from rexrag_fast.retrieval.retriever import build_retriever
 
-    if spec.startswith(("http://", "https://")):
-        return RetrievalClient(spec)
-    if spec == "world":
-        return LocalRetriever.for_world()
-    path = Path(spec)
-    if (path / "corpus.jsonl").is_file() and (path / "world.json").is_file():
-        return LocalRetriever.for_world(path)
-    if path.is_dir():
-        return LocalRetriever.from_index(path)
-    raise ValueError(f"--retriever must be an http(s) URL, 'world', a world directory or an index directory; "
-                     f"got {spec!r}")
+    return build_retriever(spec, check=False, key="--retriever")
 
 
 def load_examples(specs: Sequence[str], n: int | None) -> list[Any]:

@@ -42,12 +42,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from rexrag_fast.agent.actions import STOP_STRINGS, Action, first_answer, parse_action
 from rexrag_fast.agent.trajectory import Component, Trajectory
 from rexrag_fast.engine import Request, SamplingParams
 from rexrag_fast.retrieval import format_passages
+from rexrag_fast.retrieval.retriever import Retriever
 
 INFORMATION_TEMPLATE = "\n\n<information>{}</information>\n\n"
 INVALID_ACTION_MESSAGE = (
@@ -57,10 +58,6 @@ INVALID_ACTION_MESSAGE = (
     "Let me try again.\n"
 )
 """Search-R1's invalid-action observation, word for word."""
-
-
-class Retriever(Protocol):
-    def retrieve(self, queries: list[str], topk: int = 3, return_scores: bool = True) -> list[list[dict]]: ...
 
 
 @dataclass(frozen=True)

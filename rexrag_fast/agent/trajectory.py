@@ -199,62 +199,6 @@ class Trajectory:
             prev = t.end
 
 
-def pack_trajectories(
-    trajectories: Sequence[Trajectory],
-    rewards: Sequence[float] | None = None,
-    group_ids: Sequence[int] | None = None,
-    probe_logprobs: Sequence[Sequence[float]] | None = None,
-    device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
-    """The packed varlen batch of DESIGN.md from B trajectories, T = sum of their lengths.
-
-    Returns input_ids [T] int64, cu_seqlens [B+1] int32, position_ids [T] int64 (restarting at 0 per
-    sequence), response_mask [T] bool (loss mask), component_mask [T] int8, old_logprobs [T] float32
-    (behaviour log-probs, 0 off the response), probe_logprobs [T] float32 (-inf unless given per
-    trajectory), and, when given, rewards [B] float32 and group_ids [B] int64.
-    """
-    if not trajectories:
-        raise ValueError("pack_trajectories needs at least one trajectory")
-    b = len(trajectories)
-    for name, seq in (("rewards", rewards), ("group_ids", group_ids), ("probe_logprobs", probe_logprobs)):
-        if seq is not None and len(seq) != b:
-            raise ValueError(f"{name} has {len(seq)} items for {b} trajectories")
-    lengths = [len(t) for t in trajectories]
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    ids: list[int] = []
-    comps: list[int] = []
-    lps: list[float] = []
-    probe: list[float] = []
-    for i, t in enumerate(trajectories):
-        ids.extend(t.token_ids)
-        comps.extend(t.components)
-        lps.extend(t.logprobs)
-        if probe_logprobs is None or probe_logprobs[i] is None:
-            probe.extend([-math.inf] * len(t))
-        else:
-            if len(probe_logprobs[i]) != len(t):
-                raise ValueError(f"probe_logprobs[{i}] has {len(probe_logprobs[i])} values for {len(t)} tokens")
-            probe.extend(float(x) for x in probe_logprobs[i])
-    comp_t = torch.tensor(comps, dtype=torch.int8, device=device)
-    loss_values = torch.tensor(sorted(int(c) for c in LOSS_COMPONENTS), dtype=torch.int8, device=device)
-    out = {
-        "input_ids": torch.tensor(ids, dtype=torch.int64, device=device),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32, device=device),
-        "position_ids": torch.cat([torch.arange(n, dtype=torch.int64, device=device) for n in lengths]),
-        "response_mask": torch.isin(comp_t, loss_values),
-        "component_mask": comp_t,
-        "old_logprobs": torch.tensor(lps, dtype=torch.float32, device=device),
-        "probe_logprobs": torch.tensor(probe, dtype=torch.float32, device=device),
-    }
-    if rewards is not None:
-        out["rewards"] = torch.tensor([float(r) for r in rewards], dtype=torch.float32, device=device)
-    if group_ids is not None:
-        out["group_ids"] = torch.tensor([int(g) for g in group_ids], dtype=torch.int64, device=device)
-    return out
-
-
 def pad_trajectories(
     trajectories: Sequence[Trajectory], pad_token_id: int, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor]:

@@ -131,7 +131,7 @@ class LLMEngine:
         self.runner.update_weights(model_or_state_dict)
 
     def load_weights(self, named_tensors: Any) -> None:
-        """Alias of update_weights for (name, tensor) streams, as the trainer's weight sync calls it."""
+        """update_weights under vLLM's name (VLLMEngine has the same pair): code written for either runs on both."""
         self.update_weights(named_tensors)
 
     def reset_counters(self) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from rexrag_fast.ops._checks import check_tensor
-from rexrag_fast.ops.linear_logprobs import linear_logprobs
+from rexrag_fast.ops.linear_logprobs import linear_logprobs, linear_logprobs_reference
 
 IGNORE_INDEX = -100
 
@@ -37,12 +37,19 @@ def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> torch
     return torch.arange(n_tokens, device=cu_seqlens.device) - starts
 
 
-def _next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """labels[t] = input_ids[t + 1] where t + 1 continues t's sequence (position + 1), else IGNORE_INDEX."""
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
+def _labels_from_positions(input_ids: torch.Tensor, position_ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """labels[t] = input_ids[t + 1] where t + 1 continues t's sequence (position + 1), else ignore_index."""
+    labels = torch.full_like(input_ids, ignore_index)
     continues = position_ids[1:] == position_ids[:-1] + 1
-    labels[:-1] = torch.where(continues, input_ids[1:], IGNORE_INDEX)
+    labels[:-1] = torch.where(continues, input_ids[1:], ignore_index)
     return labels
+
+
+def next_token_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: int = IGNORE_INDEX
+                      ) -> torch.Tensor:
+    """labels[t] = input_ids[t+1] inside a sequence, `ignore_index` at each sequence's last token. [T] -> [T]."""
+    positions = _positions_from_cu_seqlens(cu_seqlens.to(input_ids.device), input_ids.shape[0])
+    return _labels_from_positions(input_ids, positions, ignore_index)
 
 
 def causal_lm_logprobs(
@@ -53,6 +60,7 @@ def causal_lm_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     backend: str = "auto",
+    fused: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token next-token log-probs (and entropies) of a packed batch under a transformers causal LM.
 
@@ -64,6 +72,7 @@ def causal_lm_logprobs(
             position is not the previous one + 1, as transformers detects packing).
         temperature, backend: passed to `linear_logprobs`.
         return_entropy: also return each position's entropy.
+        fused: False materialises the fp32 [T, V] logits (`linear_logprobs_reference`; verl's eager path).
 
     Returns:
         logprobs [T] fp32 with logprobs[t] = log p(input_ids[t+1] | its prefix), 0 at each sequence's last
@@ -87,17 +96,22 @@ def causal_lm_logprobs(
                 f"model: config.{unsupported}={getattr(config, unsupported)!r} rescales the logits, which "
                 "linear_logprobs does not model; use model(...).logits for this architecture"
             )
-    backbone = getattr(model, "model", None)
+    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(backbone, torch.nn.Module) or not isinstance(head, torch.nn.Linear):
         raise TypeError(
-            f"model: expected a transformers causal LM with a `.model` backbone and a Linear lm head, "
-            f"got {type(model).__name__}"
+            f"model: expected a transformers causal LM with a backbone (`base_model_prefix`) and a Linear lm "
+            f"head, got {type(model).__name__}"
         )
     out = backbone(input_ids=input_ids[None].long(), position_ids=position_ids[None], use_cache=False)
     hidden = out.last_hidden_state[0]
     if hidden.dtype != head.weight.dtype:
         hidden = hidden.to(head.weight.dtype)
-    labels = _next_token_labels(input_ids.long(), position_ids)
+    labels = _labels_from_positions(input_ids.long(), position_ids, IGNORE_INDEX)
+    if not fused:
+        return linear_logprobs_reference(hidden.float(), head.weight.float(), labels, temperature=temperature,
+                                         return_entropy=return_entropy,
+                                         bias=None if head.bias is None else head.bias.float(),
+                                         ignore_index=IGNORE_INDEX)
     return linear_logprobs(hidden, head.weight, labels, temperature=temperature, return_entropy=return_entropy,
                            bias=head.bias, backend=backend, ignore_index=IGNORE_INDEX)

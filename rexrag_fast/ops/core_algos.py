@@ -5,17 +5,21 @@ Names, arguments and return values follow verl's `verl/trainer/ppo/core_algos.py
 these in. Every function is plain eager PyTorch, one formula each, written for clarity; the fused op in
 `rexrag_fast.ops.policy_loss` is tested against them.
 
+Advantage estimators and policy losses are registered by name, as in verl (`register_adv_est`,
+`register_policy_loss`; `get_adv_estimator_fn`, `get_policy_loss_fn`): `algorithm.adv_estimator` is checked
+against this registry, so a new estimator is one decorated function here (plus its branch in the fused
+kernel's launcher, kernels/policy_loss.py, when the fused op should run it).
+
 Shapes: `[B, L]` = (sequences, padded response length). Masks are 0/1 (bool, int or float).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 # "+" variants: forward value of the named estimator, gradient of k2 (straight-through).
@@ -26,6 +30,51 @@ LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_old| clamped before exp
 K3_LOG_RATIO_CLAMP = 20.0  # |log ref - log pi| clamped before exp in k3
 K3_VALUE_CLAMP = 10.0  # k3 clamped to [-10, 10]
 MASKED_MEAN_EPS = 1e-8  # denominator guard of masked_mean
+
+ADV_ESTIMATOR_REGISTRY: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+POLICY_LOSS_REGISTRY: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {}
+
+
+def _register(registry: dict[str, Callable], kind: str, name: str) -> Callable[[Callable], Callable]:
+    def decorator(fn: Callable) -> Callable:
+        if registry.get(name, fn) is not fn:
+            raise ValueError(f"{kind} {name!r} is already registered (to {registry[name].__name__})")
+        registry[name] = fn
+        return fn
+
+    return decorator
+
+
+def _lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+    if name not in registry:
+        raise ValueError(f"{kind}: expected one of {sorted(registry)}, got {name!r}")
+    return registry[name]
+
+
+def register_adv_est(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: register an outcome advantage estimator `fn(token_level_rewards [B, L], response_mask [B, L],
+    index [B], epsilon, ...) -> (advantages [B, L], returns [B, L])` under `name`."""
+    return _register(ADV_ESTIMATOR_REGISTRY, "advantage estimator", name)
+
+
+def get_adv_estimator_fn(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The estimator registered as `name` (ValueError naming the registered ones otherwise)."""
+    return _lookup(ADV_ESTIMATOR_REGISTRY, "adv_estimator", name)
+
+
+def register_policy_loss(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: register a policy loss `fn(old_log_prob, log_prob, advantages, response_mask, ...)` under `name`."""
+    return _register(POLICY_LOSS_REGISTRY, "policy loss", name)
+
+
+def get_policy_loss_fn(name: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The policy loss registered as `name` (ValueError naming the registered ones otherwise)."""
+    return _lookup(POLICY_LOSS_REGISTRY, "policy_loss", name)
+
+
+def adv_estimator_names() -> tuple[str, ...]:
+    """Names of the registered advantage estimators, in registration order."""
+    return tuple(ADV_ESTIMATOR_REGISTRY)
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
@@ -62,6 +111,7 @@ def _group_mean_std_count(scores: torch.Tensor, group: torch.Tensor) -> tuple[to
     return mean, std, count[group]
 
 
+@register_adv_est("grpo")
 def compute_grpo_outcome_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -92,6 +142,20 @@ def compute_grpo_outcome_advantage(
     return adv, adv
 
 
+@register_adv_est("dr_grpo")
+def compute_drgrpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Sequence | np.ndarray | torch.Tensor,
+    epsilon: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dr. GRPO (arXiv 2503.20783): A_i = r_i - mean_G(r), no std normalisation; a group of one keeps r_i.
+    `compute_grpo_outcome_advantage(..., norm_adv_by_std_in_grpo=False)`. Shapes as there."""
+    return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
+                                          norm_adv_by_std_in_grpo=False)
+
+
+@register_adv_est("rloo")
 def compute_rloo_outcome_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -134,6 +198,7 @@ def behaviour_log_prob(old_log_prob: torch.Tensor, probe_log_prob: torch.Tensor,
     return torch.logaddexp(old_log_prob + float(np.log1p(-alpha)), probe_log_prob + float(np.log(alpha)))
 
 
+@register_policy_loss("vanilla")
 def compute_policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

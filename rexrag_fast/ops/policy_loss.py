@@ -22,6 +22,9 @@ tensor ops and a closed-form backward (the CPU path). Neither keeps [T]-sized fl
 recomputes from the inputs. The input check (`check_inputs`) reads two flags back to the host.
 `policy_loss_reference` is the clarity-first composition of the verl-compatible functions in
 `core_algos`, differentiated by autograd; tests compare all three.
+
+One file over 500 lines on purpose: it is one formula (the loss above) in its three forms, forward and
+closed-form backward side by side, so that a change to the formula is made in one place in all of them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 METRIC_NAMES = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "kl", "ratio_mean", "is_weight_mean",
                 "pg_loss", "kl_loss")
 _KL_KIND = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
-_KL_KIND_ID = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 _EPS = core_algos.MASKED_MEAN_EPS
 # Columns of the per-token sum table (same order as kernels.policy_loss.PARTIAL_NAMES).
 _PG, _KL, _TOKENS, _CLIPPED, _CLIPPED_LOWER, _NEG_LOG_RATIO, _RATIO, _IS_WEIGHT = range(8)
@@ -80,8 +82,12 @@ def group_advantages(
         rloo    : r_i * n / (n - 1) - m * n / (n - 1)
     A group of one has m = 0 (and s = 1), as verl: grpo r_i / (1 + epsilon), dr_grpo and rloo r_i.
 
+    Any other registered estimator (core_algos.register_adv_est) runs its verl-style function on [B, 1].
+
     Args: rewards [B] float, group_ids [B] integer labels (any values). Returns: [B] fp32.
     """
+    if adv_estimator not in ("grpo", "dr_grpo", "rloo"):
+        return _registered_advantages(rewards, group_ids, adv_estimator, norm_adv_by_std, epsilon)
     r = rewards.float()
     B = r.numel()
     sorted_ids, order = torch.sort(group_ids, stable=True)
@@ -101,6 +107,20 @@ def group_advantages(
         return torch.where(several, dev, r)
     scale = n / (n - 1).clamp(min=1)
     return torch.where(several, r * scale - mean * scale, r)
+
+
+def _registered_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, adv_estimator: str,
+                           norm_adv_by_std: bool, epsilon: float) -> torch.Tensor:
+    """[B] fp32 advantages from the verl-style estimator registered as `adv_estimator`, on one-token rows."""
+    token_rewards = rewards.float()[:, None]
+    index = group_ids.detach().cpu().numpy()
+    if adv_estimator == "grpo":
+        adv, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, torch.ones_like(token_rewards), index,
+                                                           epsilon, norm_adv_by_std)
+    else:
+        adv, _ = core_algos.get_adv_estimator_fn(adv_estimator)(token_rewards, torch.ones_like(token_rewards),
+                                                                index, epsilon)
+    return adv[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,8 +285,8 @@ class _FusedPolicyLoss(torch.autograd.Function):
             loss, weight, metrics = kernels.policy_loss_forward(
                 lp, old, mask, cu, adv_seq=adv_seq, adv_tok=adv_tok, ref=ref, probe=probe,
                 lo_bound=cfg.lo_bound, hi_bound=cfg.hi_bound, clip_c=cfg.clip_c, log1m_alpha=cfg.log1m_alpha,
-                log_alpha=cfg.log_alpha, kl_kind=_KL_KIND_ID[cfg.kl_kind], kl_coef=cfg.kl_coef,
-                agg_mode=kernels.AGG_MODES[cfg.agg_mode], scale=scale)
+                log_alpha=cfg.log_alpha, kl_kind=cfg.kl_kind, kl_coef=cfg.kl_coef,
+                agg_mode=cfg.agg_mode, scale=scale)
         else:
             per_seq = cfg.agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean")
             totals, seq_sums = _torch_forward(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, cfg, per_seq)
@@ -289,7 +309,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 lp, old, mask, cu, grad_loss, weight.contiguous(), adv_seq=adv_seq, adv_tok=adv_tok, ref=ref,
                 probe=probe, lo_bound=cfg.lo_bound, hi_bound=cfg.hi_bound, clip_c=cfg.clip_c,
                 log1m_alpha=cfg.log1m_alpha, log_alpha=cfg.log_alpha, kl_coef=cfg.kl_coef,
-                kl_kind=_KL_KIND_ID[cfg.kl_kind], kl_straight=cfg.kl_straight, weight_per_seq=ctx.weight_per_seq)
+                kl_kind=cfg.kl_kind, kl_straight=cfg.kl_straight, weight_per_seq=ctx.weight_per_seq)
         else:
             dlp = _torch_backward(lp, old, mask, cu, ctx.width, adv_seq, adv_tok, ref, probe, grad_loss, weight, cfg,
                                   ctx.weight_per_seq)
@@ -304,8 +324,7 @@ def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, 
                    loss_agg_mode, kl_coef) -> _LossConfig:
     if kl_type not in core_algos.KL_TYPES_ALL:
         raise ValueError(f"kl_type: expected one of {core_algos.KL_TYPES_ALL}, got {kl_type!r}")
-    if adv_estimator not in core_algos.ADV_ESTIMATORS:
-        raise ValueError(f"adv_estimator: expected one of {core_algos.ADV_ESTIMATORS}, got {adv_estimator!r}")
+    core_algos.get_adv_estimator_fn(adv_estimator)  # ValueError naming the registered estimators
     if loss_agg_mode not in core_algos.LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode: expected one of {core_algos.LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha < 1.0):
@@ -489,8 +508,11 @@ def fused_policy_loss(
         if backend == "triton":
             from rexrag_fast.kernels import policy_loss as kernels
 
-            estimator = 0 if adv_estimator == "grpo" and norm_adv_by_std else 2 if adv_estimator == "rloo" else 1
-            adv_seq = kernels.group_advantages(rewards.contiguous(), group_ids.contiguous(), estimator, epsilon)
+            estimator = "dr_grpo" if adv_estimator == "grpo" and not norm_adv_by_std else adv_estimator
+            if estimator in kernels.ESTIMATORS:
+                adv_seq = kernels.group_advantages(rewards.contiguous(), group_ids.contiguous(), estimator, epsilon)
+            else:
+                adv_seq = _registered_advantages(rewards, group_ids, adv_estimator, norm_adv_by_std, epsilon)
         else:
             adv_seq = group_advantages(rewards, group_ids, adv_estimator, norm_adv_by_std, epsilon)
     loss, metric_vec = _FusedPolicyLoss.apply(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, scale, cfg,
@@ -553,11 +575,10 @@ def policy_loss_reference(
         token_rewards = torch.zeros_like(mask)
         token_rewards[:, 0] = rewards.float()
         index = group_ids.cpu().numpy() if isinstance(group_ids, torch.Tensor) else np.asarray(group_ids)
-        if adv_estimator == "rloo":
-            adv, _ = core_algos.compute_rloo_outcome_advantage(token_rewards, mask, index, epsilon)
+        if adv_estimator == "grpo":
+            adv, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index, epsilon, norm_adv_by_std)
         else:
-            by_std = norm_adv_by_std and adv_estimator == "grpo"
-            adv, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index, epsilon, by_std)
+            adv, _ = core_algos.get_adv_estimator_fn(adv_estimator)(token_rewards, mask, index, epsilon)
     else:
         adv = pad(advantages).float()
     probe = pad(probe_logprobs, -math.inf).float() if probe_logprobs is not None else None

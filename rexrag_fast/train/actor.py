@@ -1,16 +1,13 @@
 """The DeepSpeed ZeRO-3 actor: log-probs of packed batches, verl-style PPO updates, gathered weights.
 
-How the RL loop plugs in (one step, per rank; each rank owns `shard_batch(prompts)`):
+How the trainer uses it (one step, per rank; `trainer.py`):
 
-    actor = ZeroActor(model, cfg, loss_fn=policy_loss_fn)            # once; model built on every rank
-    ref = ReferencePolicy(model_copy, cfg)                             # once, when algorithm.use_kl_loss
-    trajectories = agent_loop(engine, prompts, weights=...)            # rollout (n_agent per prompt)
-    rewards -> REX-RAG probes -> advantages per token (over the whole local batch, so groups are complete)
-    minis = plan_mini_batches(tokens, num_mini_batches, max_tokens, per_token={response_mask, advantages,
-                                  probe_logprobs, ...}, per_sequence={rewards, group_ids})
-    old = actor.compute_logprobs(all micro-batches); ref_lp = ref.compute_logprobs(...)  -> put in per_token
-    metrics = actor.update(minis, step=step)                           # ppo_epochs x mini-batches
-    engine.load_weights(actor.iter_gathered_parameters())              # weight sync (collective!)
+    actor = ZeroActor(model, cfg, loss_fn=policy_loss_fn)        # once; same initial weights on every rank
+    ref = ReferencePolicy(frozen_copy(model), cfg)                 # once, when algorithm.use_kl_loss
+    old = actor.compute_logprobs(micro_batches)                    # packing.pack_micro_batches of the step
+    ref_lp = ref.compute_logprobs(micro_batches)
+    metrics = actor.update(plan_mini_batches(...), step=step, loss_fn=this step's loss)   # ppo_epochs x minis
+    engine.update_weights(actor.iter_gathered_parameters())        # weight sync (collective!)
 
 `loss_fn(logprobs [T], entropy [T] | None, batch: PackedBatch) -> (loss 0-d, metrics)` computes the loss of
 ONE micro-batch aggregated over that micro-batch alone (e.g. token-mean over its response tokens). The actor
@@ -39,7 +36,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from rexrag_fast.train import distributed as dist_utils
@@ -48,19 +44,9 @@ from rexrag_fast.train.metrics import peak_memory_bytes
 from rexrag_fast.train.packing import PackedBatch
 
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", PackedBatch], "tuple[torch.Tensor, Mapping[str, Any]]"]
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------ log-probs
-
-
-def next_token_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: int = IGNORE_INDEX
-                      ) -> torch.Tensor:
-    """labels[t] = input_ids[t+1] inside a sequence, `ignore_index` at each sequence's last token. [T] -> [T]."""
-    labels = torch.full_like(input_ids, ignore_index)
-    labels[:-1] = input_ids[1:]
-    labels[cu_seqlens[1:].long() - 1] = ignore_index
-    return labels
 
 
 def shift_to_tokens(per_position: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -102,26 +88,11 @@ class PolicyLogprobs(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False)
-        hidden = hidden.last_hidden_state[0]  # [T, H]
-        labels = next_token_labels(input_ids, cu_seqlens)
-        lm_head = self.model.get_output_embeddings()
-        if self.fused:
-            from rexrag_fast.ops.linear_logprobs import linear_logprobs
+        from rexrag_fast.ops.causal_lm import causal_lm_logprobs
 
-            out = linear_logprobs(hidden, lm_head.weight, labels, temperature=self.temperature,
-                                  return_entropy=self.compute_entropy, bias=lm_head.bias,
-                                  ignore_index=IGNORE_INDEX)
-            lp, ent = out if self.compute_entropy else (out, None)
-        else:
-            logits = lm_head(hidden).float() / self.temperature  # [T, V]
-            log_probs = torch.log_softmax(logits, dim=-1)
-            valid = labels != IGNORE_INDEX
-            lp = log_probs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1) * valid
-            ent = None
-            if self.compute_entropy:  # H = logsumexp(z) - sum softmax(z) z
-                ent = (torch.logsumexp(logits, -1) - (log_probs.exp() * logits).sum(-1)) * valid
+        out = causal_lm_logprobs(self.model, input_ids, position_ids=position_ids, temperature=self.temperature,
+                                 return_entropy=self.compute_entropy, fused=self.fused)
+        lp, ent = out if self.compute_entropy else (out, None)
         lp = shift_to_tokens(lp.float(), cu_seqlens)
         ent = shift_to_tokens(ent.float(), cu_seqlens) if ent is not None else None
         return lp, ent
@@ -172,21 +143,13 @@ def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
     return base_lr * min(1.0, step / warmup_steps)
 
 
-def _comm_device(device: torch.device) -> torch.device:
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def equalise_across_ranks(batches: Sequence[PackedBatch], device: torch.device) -> list[tuple[PackedBatch, bool]]:
     """`batches` paired with True, then (smallest batch, False) repeats up to the largest count on any rank.
 
     ZeRO-3 gathers parameters collectively in every forward, so all ranks must run as many forwards as
     the busiest one; the repeats' results are dropped and their loss weight is 0."""
     n = len(batches)
-    most = n
-    if dist_utils.is_initialized():
-        t = torch.tensor([n], dtype=torch.int64, device=_comm_device(device))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        most = int(t.item())
+    most = int(dist_utils.max_across_ranks(n))
     if n == 0 and most > 0:
         raise ValueError("a rank has no micro-batch while others have some; shard prompts evenly across ranks")
     pairs = [(b, True) for b in batches]
@@ -261,16 +224,6 @@ class ZeroActor:
             return float(mask.sum())
         return float(batch.num_sequences)
 
-    def _comm_device(self) -> torch.device:
-        return _comm_device(self.device)
-
-    def _global_sums(self, values: Sequence[float]) -> list[float]:
-        if not dist_utils.is_initialized():
-            return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return t.tolist()
-
     def update(self, mini_batches: Sequence[Sequence[PackedBatch]], step: int = 0, loss_fn: LossFn | None = None
                ) -> dict[str, float]:
         """ppo_epochs x len(mini_batches) optimizer steps, as verl's dp_actor.update_policy.
@@ -302,7 +255,7 @@ class ZeroActor:
         for _epoch in range(self.cfg.actor.ppo_epochs):
             for mini in mini_batches:
                 plan = equalise_across_ranks(mini, self.device)
-                total_w = self._global_sums([sum(self._weight(m) for m, counts in plan if counts)])[0]
+                total_w = dist_utils.all_reduce_floats([sum(self._weight(m) for m, counts in plan if counts)])[0]
                 world = dist_utils.get_world_size()
                 for i, (mb, counts) in enumerate(plan):
                     self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
@@ -335,7 +288,7 @@ class ZeroActor:
         # Metrics are weighted means over every rank's micro-batches (the same weights as the loss), so every
         # rank reports the global value. Keys are the same on all ranks (same loss_fn, same entropy setting).
         keys = sorted(sums)
-        totals = self._global_sums([sums[k] for k in keys] + [weight_seen, float(tokens)])
+        totals = dist_utils.all_reduce_floats([sums[k] for k in keys] + [weight_seen, float(tokens)])
         weight_seen, tokens_all = totals[-2], totals[-1]
         out = {k: v / weight_seen for k, v in zip(keys, totals)} if weight_seen > 0 else {}
         if grad_norms:

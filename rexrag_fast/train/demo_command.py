@@ -1,6 +1,6 @@
 """`rexrag-fast demo`: the embedded default run, on a CPU, no downloads: warm start, then GRPO vs REX-RAG.
 
-    rexrag-fast demo [--seeds 0 1 2] [--steps N] [--out DIR] [--quick] [--model small|smollm2]
+    rexrag-fast demo [--seeds 0 1 2] [--steps N] [--out DIR] [--quick] [--model world-small|smollm2-135m]
 
 1. demonstrations (`demonstrations.make_demonstrations`) of the embedded world's train questions, read
    through the real in-process retriever; a share of the 1-hop questions (--dead-end-rate, 0.6) is
@@ -15,11 +15,11 @@
 5. a table, <out>/demo.json and <out>/demo.png (training reward per step for both methods; held-out EM
    before and after).
 
-Default model ("small"): a 2-layer Qwen2 (hidden 128, 1.5M parameters) with the world's own 8k BPE
+Default model ("world-small"): a 2-layer Qwen2 (hidden 128, 1.5M parameters) with the world's own 8k BPE
 tokenizer (`world_model`): with SmolLM2's 49k vocabulary the invented names take ~5.4 tokens each, the
 tied embedding holds ~95% of the parameters and the model never learned to copy a name within the budget;
 with the world tokenizer a name is ~2 tokens and copying appears after 500-900 warm-start steps.
-SmolLM2-135M-Instruct (`--model smollm2`, its own tokenizer) is the real model, but one forward/backward over
+SmolLM2-135M-Instruct (`--model smollm2-135m`, its own tokenizer) is the real model, but one forward/backward over
 a batch of rollouts takes minutes on two CPU cores, so it cannot learn within the ~15 minute budget.
 """
 
@@ -42,19 +42,18 @@ def default_config_path() -> Path:
 
 
 def build_model(name: str, tokenizer: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """(fresh fp32 model, its description for the cache key) for --model 'small' or 'smollm2'.
+    """(fresh fp32 model, its description for the cache key) for --model 'world-small' or 'smollm2-135m'.
 
-    'small' is world_model.small_model (transformers' initialisation, first loss ~ log(vocab size))."""
-    import copy
-
-    from rexrag_fast.engine.models import load_smollm2
+    'world-small' is world_model.small_model for `tokenizer` (transformers' initialisation, first loss ~
+    log(vocab size))."""
+    from rexrag_fast.train.models import SMOLLM2, WORLD_SMALL, load_model
     from rexrag_fast.train.world_model import small_model
 
-    if name == "smollm2":
-        return copy.deepcopy(load_smollm2()[0]), {"name": "smollm2-135m"}
-    if name == "small":
+    if name == SMOLLM2:
+        return load_model(SMOLLM2)[0], {"name": SMOLLM2}
+    if name == WORLD_SMALL:
         return small_model(tokenizer, seed)
-    raise ValueError(f"--model must be 'small' or 'smollm2', got {name!r}")
+    raise ValueError(f"--model must be {WORLD_SMALL!r} or {SMOLLM2!r}, got {name!r}")
 
 
 def eval_em(model_dir: Path, examples: list[Any], retriever: Any, cfg: Any, progress: bool) -> float:
@@ -63,8 +62,8 @@ def eval_em(model_dir: Path, examples: list[Any], retriever: Any, cfg: Any, prog
 
     from rexrag_fast.agent.eval_command import evaluate
     from rexrag_fast.engine import EngineConfig, LLMEngine
-    from rexrag_fast.engine.models import load_pretrained
-    from rexrag_fast.train.trainer import agent_config
+    from rexrag_fast.engine.loaders import load_pretrained
+    from rexrag_fast.train.rollout import agent_config
 
     model, tokenizer = load_pretrained(model_dir, dtype=torch.float32)
     agent = agent_config(cfg, seed=0)
@@ -178,7 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 12 RL steps instead of 30, 100 eval questions instead of 200")
-    parser.add_argument("--model", default="small", choices=["small", "smollm2"], help="policy to warm-start")
+    parser.add_argument("--model", default="world-small", choices=["world-small", "smollm2-135m"],
+                        help="policy to warm-start")
     parser.add_argument("--config", type=Path, default=None, help="RL config (default configs/demo_cpu.yaml)")
     parser.add_argument("--warm-steps", type=int, default=None,
                         help="warm-start optimizer steps (default 1000)")
@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rexrag_fast.data.datasets import load_world_split
     from rexrag_fast.data.world import World, default_cache_dir, default_world_dir
-    from rexrag_fast.engine.models import load_smollm2_tokenizer
+    from rexrag_fast.engine.loaders import load_smollm2_tokenizer
     from rexrag_fast.retrieval import LocalRetriever
     from rexrag_fast.train.config import load_config
     from rexrag_fast.train.demonstrations import make_demonstrations
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
     world_dir = default_world_dir()
     world = World.load(world_dir)
-    tokenizer = load_smollm2_tokenizer() if args.model == "smollm2" else load_world_tokenizer(world)
+    tokenizer = load_smollm2_tokenizer() if args.model == "smollm2-135m" else load_world_tokenizer(world)
     retriever = LocalRetriever.for_world(world_dir, progress=progress)
 
     demos = make_demonstrations(world.split("train")[:n_demos], world, retriever, tokenizer, topk=cfg.retriever.topk,

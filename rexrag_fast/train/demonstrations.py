@@ -39,10 +39,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rexrag_fast.agent.loop import INFORMATION_TEMPLATE, Retriever
+from rexrag_fast.agent.loop import INFORMATION_TEMPLATE
 from rexrag_fast.agent.template import encode_prompt
 from rexrag_fast.agent.trajectory import Component, Trajectory
 from rexrag_fast.retrieval import format_passages
+from rexrag_fast.retrieval.retriever import Retriever
 
 
 @dataclass

@@ -22,7 +22,7 @@ import contextlib
 import os
 import socket
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -65,15 +65,53 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics across ranks (same keys on every rank)."""
+def comm_device() -> torch.device:
+    """The device that collective tensors must live on: cuda:LOCAL_RANK under nccl (which rejects CPU
+    tensors), the CPU under gloo or without a process group."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce_floats(values: Sequence[float], op: str = "sum") -> list[float]:
+    """Elementwise `op` (sum, max, min) of `values` [N] over ranks, in float64 on `comm_device()`; the
+    same list on every rank. Identity without a process group. Collective."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op: expected one of {sorted(_REDUCE_OPS)}, got {op!r}")
     if not is_initialized() or not values:
-        return dict(values)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
+    return t.cpu().tolist()
+
+
+def sum_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
+    """Sum of each scalar over ranks; every rank must pass the same keys. Collective."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, all_reduce_floats([values[k] for k in keys])))
+
+
+def all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
+    """Mean of each scalar over ranks; every rank must pass the same keys. Collective."""
+    world = get_world_size()
+    return {k: v / world for k, v in sum_across_ranks(values).items()}
+
+
+def mean_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
+    """Mean of each scalar over the ranks that report it (keys may differ between ranks). Collective."""
+    seen: dict[str, list[float]] = {}
+    for d in gather_objects({k: float(v) for k, v in values.items()}):
+        for k, v in d.items():
+            seen.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in seen.items()}
+
+
+def max_across_ranks(value: float) -> float:
+    """The largest `value` of any rank. Collective."""
+    return all_reduce_floats([value], op="max")[0]
 
 
 def default_device() -> torch.device:
@@ -92,8 +130,8 @@ def init_distributed(backend: str | None = None) -> None:
     """
     if is_initialized():
         return
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # not under a launcher: a world of one
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    if "RANK" not in os.environ:  # not under a launcher: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     cuda = torch.cuda.is_available()

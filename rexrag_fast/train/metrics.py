@@ -1,4 +1,6 @@
-"""Per-step metrics: a JSONL file, a tqdm bar, TensorBoard when installed, and curves as a PNG at the end.
+"""Per-step metrics: what one RL step counts and times (`StepMetrics`), the step's reduced figures
+(`summarize_step`), and where they go: a JSONL file, a tqdm bar, TensorBoard when installed, and curves as a
+PNG at the end (`MetricsLogger`).
 
 Metric names are `section/name` as in verl (`reward/mean`, `actor/pg_clipfrac`, `actor/kl`,
 `throughput/train_tokens_per_s`, `memory/peak_bytes`, ...). Each JSONL line is one step:
@@ -11,16 +13,19 @@ the checkpoint by the run that died) are dropped, so the file again describes on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from rexrag_fast.train import distributed as du
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -34,6 +39,90 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+class StepMetrics:
+    """What one rank counts and times during one RL step; `reduce()` combines every rank's (collective).
+
+    add(key, v): a count or sum, added over ranks ("count/..." or "sum/..." by convention).
+    timer(key): seconds spent in a `with` block, averaged over ranks ("time/..."); a rank that never timed
+    `key` counts 0 for it, so ranks need not agree on the keys (one that made no probes reports no probe time).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.times: dict[str, float] = {}
+
+    def copy(self) -> StepMetrics:
+        out = StepMetrics()
+        out.sums, out.times = dict(self.sums), dict(self.times)
+        return out
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def set_time(self, key: str, seconds: float) -> None:
+        self.times[key] = float(seconds)
+
+    @contextlib.contextmanager
+    def timer(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t0
+
+    def reduce(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(sums over ranks, mean times over ranks), each keyed by every key any rank reported. Collective."""
+        parts = du.gather_objects((self.sums, self.times))
+        sums: dict[str, float] = {}
+        times: dict[str, float] = {}
+        for s, t in parts:
+            for k, v in s.items():
+                sums[k] = sums.get(k, 0.0) + v
+            for k, v in t.items():
+                times[k] = times.get(k, 0.0) + v
+        return sums, {k: v / len(parts) for k, v in times.items()}
+
+
+def _rate(tokens: float, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def summarize_step(sums: Mapping[str, float], times: Mapping[str, float], *, ppo_epochs: int,
+                   rexrag: bool) -> dict[str, float]:
+    """The step's reported figures from `StepMetrics.reduce()`'s sums and mean times.
+
+        reward/mean = sum/reward / count/originals   (probes excluded; = reward/em, the reward is exact match)
+        rollout/*_mean = sum/* / count/originals      throughput/X = tokens of X / time of X
+    """
+    n_orig = max(sums.get("count/originals", 0.0), 1.0)
+    probes = sums.get("count/probes_made", 0.0)
+    out: dict[str, float] = {"reward/mean": sums["sum/reward"] / n_orig}
+    out["reward/em"] = out["reward/mean"]
+    if rexrag:
+        out["rexrag/probes_made"] = probes
+    if probes:
+        out["reward/probe_mean"] = sums["sum/probe_reward"] / probes
+    out["rollout/searches_mean"] = sums["sum/searches"] / n_orig
+    out["rollout/answered_frac"] = sums["sum/answered"] / n_orig
+    out["rollout/response_len_mean"] = sums["sum/response_len"] / n_orig
+    out["rollout/logprob_abs_diff"] = sums["sum/rollout_logprob_abs_diff"] / max(sums["count/response_tokens_all"], 1)
+    out["batch/train_tokens"] = sums["count/train_tokens"]
+    out["batch/train_sequences"] = sums["count/train_sequences"]
+    out["throughput/rollout_tokens_per_s"] = _rate(sums.get("count/rollout_generated_tokens", 0.0),
+                                                   times.get("time/rollout_s", 0.0))
+    if probes:
+        out["throughput/probe_tokens_per_s"] = _rate(sums["count/probe_generated_tokens"], times["time/probe_s"])
+        out["rexrag/probe_cached_tokens"] = sums["count/probe_cached_tokens"]
+    all_tokens = sums.get("count/rollout_tokens", 0.0) + sums.get("count/probe_tokens", 0.0)
+    out["throughput/old_logprob_tokens_per_s"] = _rate(all_tokens, times["time/old_logprob_s"])
+    if "time/ref_logprob_s" in times:
+        out["throughput/ref_logprob_tokens_per_s"] = _rate(sums["count/train_tokens"], times["time/ref_logprob_s"])
+    out["throughput/update_tokens_per_s"] = _rate(sums["count/train_tokens"] * ppo_epochs, times["time/update_s"])
+    out["throughput/train_tokens_per_s"] = _rate(all_tokens, times["time/step_s"])
+    out.update({k.replace("time/", "timing/"): v for k, v in times.items()})
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

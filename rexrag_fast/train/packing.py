@@ -1,4 +1,5 @@
-"""Packing trajectories into varlen micro-batches under a token budget, and the way back.
+"""The one packer: trajectories into varlen micro-batches under a token budget, mini-batches of whole
+groups, and the way back.
 
 A trajectory is a list of token ids plus per-token arrays of the same length (response mask, old log-probs,
 probe log-probs, ...) and per-sequence values (reward, group id). A packed micro-batch concatenates whole
@@ -12,18 +13,25 @@ Micro-batches are chosen by first-fit decreasing on lengths: sequences sorted by
 ties by original index), each put into the first micro-batch with room for it, a new one opened otherwise.
 The plan depends only on the lengths and the budget, so every rank and every rerun packs identically.
 
+Mini-batches (`split_mini_batches`, `plan_mini_batches`): whole groups, in order of first appearance, dealt
+as evenly as possible (earlier mini-batches take the extra ones), each packed into micro-batches as above.
+`pack_trajectories` packs agent trajectories with their loss mask and behaviour log-probs.
+
 The padded layout `[B, L]` with an attention mask converts to the packed layout and back with
 `padded_to_packed` / `packed_to_padded` (left or right padding, any mask whose valid tokens are the ones kept).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from rexrag_fast.agent.trajectory import LOSS_COMPONENTS, Trajectory
 
 
 @dataclass
@@ -167,6 +175,25 @@ def pack_micro_batches(
     return [pack_sequences(token_ids, per_token, per_sequence, indices=b) for b in plan]
 
 
+def split_mini_batches(group_ids: Sequence[int], num_mini_batches: int) -> list[list[int]]:
+    """Sequence indices of each mini-batch: whole groups (in order of first appearance) dealt as evenly as
+    possible, earlier mini-batches taking the extra ones. REX-RAG probes travel with their source's group."""
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(int(g), []).append(i)
+    members = list(groups.values())
+    if not 1 <= num_mini_batches <= len(members):
+        raise ValueError(f"num_mini_batches: expected 1..{len(members)} (the number of groups), got "
+                         f"{num_mini_batches}")
+    q, m = divmod(len(members), num_mini_batches)
+    out, start = [], 0
+    for k in range(num_mini_batches):
+        count = q + (1 if k < m else 0)
+        out.append([i for grp in members[start:start + count] for i in grp])
+        start += count
+    return out
+
+
 def plan_mini_batches(
     token_ids: Sequence[Sequence[int] | torch.Tensor],
     num_mini_batches: int,
@@ -174,29 +201,61 @@ def plan_mini_batches(
     per_token: Mapping[str, Sequence[Any]] | None = None,
     per_sequence: Mapping[str, Sequence[Any] | torch.Tensor] | None = None,
     group_size: int = 1,
+    *,
+    group_ids: Sequence[int] | None = None,
 ) -> list[list[PackedBatch]]:
-    """Split N sequences, in order, into `num_mini_batches` mini-batches of whole groups, each packed into
-    micro-batches of at most `max_tokens` tokens. verl's ppo_mini_batch_size in prompts is
-    N / group_size / num_mini_batches; `group_size` consecutive sequences (one prompt's n responses) stay in
-    the same mini-batch. Groups are dealt as evenly as possible (earlier mini-batches get the extra ones).
-    seq_index of every micro-batch refers to the caller's list of N.
+    """Split N sequences into `num_mini_batches` mini-batches of whole groups (`split_mini_batches`), each
+    packed into micro-batches of at most `max_tokens` tokens. Groups are `group_ids` [N] when given, else
+    runs of `group_size` consecutive sequences (one prompt's n responses; verl's ppo_mini_batch_size in
+    prompts is N / group_size / num_mini_batches). seq_index of every micro-batch refers to the caller's list.
     """
     n = len(token_ids)
-    if group_size < 1 or n % group_size:
-        raise ValueError(f"group_size: expected a positive divisor of the {n} sequences, got {group_size}")
-    groups = n // group_size
-    if not 1 <= num_mini_batches <= groups:
-        raise ValueError(f"num_mini_batches: expected 1..{groups} (the number of groups), got {num_mini_batches}")
-    q, m = divmod(groups, num_mini_batches)
+    if group_ids is None:
+        if group_size < 1 or n % group_size:
+            raise ValueError(f"group_size: expected a positive divisor of the {n} sequences, got {group_size}")
+        group_ids = [i // group_size for i in range(n)]
+    elif len(group_ids) != n:
+        raise ValueError(f"group_ids: expected {n} values (one per sequence), got {len(group_ids)}")
     out = []
-    start = 0
-    for k in range(num_mini_batches):
-        count = (q + (1 if k < m else 0)) * group_size
-        idx = list(range(start, start + count))
-        start += count
+    for idx in split_mini_batches(group_ids, num_mini_batches):
         plan = first_fit_decreasing([len(token_ids[i]) for i in idx], max_tokens)
         out.append([pack_sequences(token_ids, per_token, per_sequence, indices=[idx[j] for j in b]) for b in plan])
     return out
+
+
+def pack_trajectories(
+    trajectories: Sequence[Trajectory],
+    rewards: Sequence[float] | None = None,
+    group_ids: Sequence[int] | None = None,
+    probe_logprobs: Sequence[Sequence[float] | None] | None = None,
+) -> PackedBatch:
+    """The packed varlen batch of DESIGN.md from B trajectories, T = sum of their lengths, in order.
+
+    per_token: response_mask [T] bool (loss mask), component_mask [T] int8, old_logprobs [T] float32
+    (behaviour log-probs, 0 off the response), probe_logprobs [T] float32 (-inf unless given per trajectory);
+    per_sequence, when given: rewards [B] float32, group_ids [B] int64.
+    """
+    if not trajectories:
+        raise ValueError("pack_trajectories: expected at least one trajectory")
+    if probe_logprobs is not None and len(probe_logprobs) != len(trajectories):
+        raise ValueError(f"probe_logprobs: expected {len(trajectories)} entries (one per trajectory), got "
+                         f"{len(probe_logprobs)}")
+    loss_values = torch.tensor(sorted(int(c) for c in LOSS_COMPONENTS), dtype=torch.int8)
+    comps = [torch.tensor(t.components, dtype=torch.int8) for t in trajectories]
+    per_token: dict[str, list[torch.Tensor]] = {
+        "response_mask": [torch.isin(c, loss_values) for c in comps],
+        "component_mask": comps,
+        "old_logprobs": [torch.tensor(t.logprobs, dtype=torch.float32) for t in trajectories],
+        "probe_logprobs": [torch.full((len(t),), -math.inf) if probe_logprobs is None or probe_logprobs[i] is None
+                           else torch.tensor([float(x) for x in probe_logprobs[i]], dtype=torch.float32)
+                           for i, t in enumerate(trajectories)],
+    }
+    per_sequence: dict[str, torch.Tensor] = {}
+    if rewards is not None:
+        per_sequence["rewards"] = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
+    if group_ids is not None:
+        per_sequence["group_ids"] = torch.tensor([int(g) for g in group_ids], dtype=torch.int64)
+    return pack_sequences([t.token_ids for t in trajectories], per_token, per_sequence)
 
 
 def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:

@@ -21,9 +21,6 @@ import threading
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from rexrag_fast.train import distributed as dist_utils
 
 log = logging.getLogger(__name__)
@@ -70,10 +67,4 @@ class GracefulStop:
 
     def requested_on_any_rank(self) -> bool:
         """Some rank got a stop signal. Collective when a process group exists: call it on every rank."""
-        if not dist_utils.is_initialized():
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return dist_utils.max_across_ranks(1.0 if self.requested else 0.0) > 0

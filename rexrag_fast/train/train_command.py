@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rexrag_fast.train.trainer import RetrieverUnavailableError, check_retriever
+    from rexrag_fast.retrieval.retriever import RetrieverUnavailableError, check_retriever
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
 
     from rexrag_fast.train import distributed as du
-    from rexrag_fast.train.trainer import RLTrainer, ensure_process_group
+    from rexrag_fast.train.trainer import RLTrainer
 
-    ensure_process_group()
+    du.init_distributed()
     try:
         trainer = RLTrainer(cfg)
         state = trainer.train()

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from rexrag_fast.agent.trajectory import Trajectory, pack_trajectories
+from rexrag_fast.agent.trajectory import Trajectory
 from rexrag_fast.ops import causal_lm_logprobs
+from rexrag_fast.train.packing import pack_trajectories
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,9 @@ def masked_nll_sum(model: torch.nn.Module, trajectories: Sequence[Trajectory]) -
     target mask is the loss mask shifted left by one (a sequence's first token is a PROMPT token, never a
     target, so no position pairs tokens of two different sequences)."""
     batch = pack_trajectories(trajectories)
-    lp = causal_lm_logprobs(model, batch["input_ids"], cu_seqlens=batch["cu_seqlens"])
+    lp = causal_lm_logprobs(model, batch.input_ids, cu_seqlens=batch.cu_seqlens)
     target = torch.zeros_like(lp)
-    target[:-1] = batch["response_mask"][1:].float()
+    target[:-1] = batch.per_token["response_mask"][1:].float()
     return -(lp * target).sum(), int(target.sum())
 
 

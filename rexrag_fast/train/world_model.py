@@ -95,7 +95,7 @@ def small_model(tokenizer: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    return model.float(), {"name": "small", **SMALL_MODEL, "vocab_size": len(tokenizer), "seed": seed}
+    return model.float(), {"name": "world-small", **SMALL_MODEL, "vocab_size": len(tokenizer), "seed": seed}
 
 
 def load_world_small(seed: int = 0) -> tuple[Any, Any]:

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 import torch
 
-from rexrag_fast.engine.models import tiny_model
+from rexrag_fast.engine.loaders import tiny_model
 from rexrag_fast.engine.weights import DecoderWeights
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.actor import ReferencePolicy, ZeroActor, frozen_copy

