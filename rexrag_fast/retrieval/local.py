@@ -30,6 +30,11 @@ class LocalRetriever:
         if embedder.name != index.manifest["embedder"]:
             raise IndexMismatchError(f"index {index.index_dir} was built with embedder "
                                      f"{index.manifest['embedder']!r}, got an embedder {embedder.name!r}")
+        for field in ("pooling", "query_prefix", "passage_prefix"):
+            if getattr(embedder, field) != index.manifest[field]:
+                raise IndexMismatchError(f"index {index.index_dir} was embedded with {field} "
+                                         f"{index.manifest[field]!r}, the query embedder uses "
+                                         f"{getattr(embedder, field)!r}: queries must be embedded as the passages were")
         if embedder.dimension != index.dimension:
             raise IndexMismatchError(f"embedder {embedder.name!r} gives {embedder.dimension}-d vectors, index "
                                      f"{index.index_dir} holds {index.dimension}-d vectors")
@@ -40,11 +45,16 @@ class LocalRetriever:
     def from_index(cls, index_dir: str | os.PathLike[str], embedder: str | Embedder | None = None,
                    corpus_path: str | os.PathLike[str] | None = None, device: str | None = None,
                    dtype: str = "auto") -> LocalRetriever:
-        """Load an index directory; `embedder` (default: the manifest's) must match the one it was built with."""
+        """Load an index directory; `embedder` (default: the manifest's) must match the one it was built with.
+
+        A named embedder is loaded with the pooling and prefixes the manifest records (those of an imported index).
+        """
         name = embedder.name if isinstance(embedder, Embedder) else embedder
         index = DenseIndex.load(index_dir, embedder=name, corpus_path=corpus_path)
         if not isinstance(embedder, Embedder):
-            embedder = get_embedder(index.manifest["embedder"], device, dtype)
+            m = index.manifest
+            embedder = get_embedder(m["embedder"], device, dtype, pooling=m["pooling"],
+                                    query_prefix=m["query_prefix"], passage_prefix=m["passage_prefix"])
         return cls(index, embedder)
 
     @classmethod
