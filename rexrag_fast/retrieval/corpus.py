@@ -41,20 +41,22 @@ def parse_row(line: bytes | str, where: str) -> dict[str, Any]:
     return row
 
 
-def byte_progress(total: int | None, desc: str, progress: bool = True) -> Any:
-    """A tqdm bar counting bytes (KiB/MiB, rate and ETA); disabled when progress is False."""
+def byte_progress(total: int | None, desc: str, progress: bool = True, position: int | None = None) -> Any:
+    """A tqdm bar counting bytes (KiB/MiB, rate and ETA); disabled when progress is False; `position`: its line
+    when several bars run at once."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress,
-                dynamic_ncols=True, mininterval=1.0)
+                dynamic_ncols=True, mininterval=1.0, position=position)
 
 
 def file_sha256(path: str | os.PathLike[str], progress: bool = False, desc: str | None = None,
-                block_bytes: int = 1 << 22) -> str:
+                position: int | None = None, block_bytes: int = 1 << 22) -> str:
     """sha256 hex digest of a file, read in `block_bytes` blocks (progress: a tqdm bar over the bytes, with ETA)."""
     path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f, byte_progress(path.stat().st_size, desc or f"sha256 {path.name}", progress) as bar:
+    with open(path, "rb") as f, \
+            byte_progress(path.stat().st_size, desc or f"sha256 {path.name}", progress, position) as bar:
         while block := f.read(block_bytes):
             digest.update(block)
             bar.update(len(block))
