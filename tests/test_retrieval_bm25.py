@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from rexrag_fast.retrieval import read_manifest
 from rexrag_fast.retrieval.bm25 import BM25Retriever, build_bm25_index
 from rexrag_fast.retrieval.index import IndexIntegrityError, IndexMismatchError
 
-pytest.importorskip("bm25s", reason="BM25 retrieval needs the optional extra: pip install 'rexrag-fast[bm25]'")
+needs_bm25 = pytest.mark.skipif(importlib.util.find_spec("bm25s") is None,
+                                reason="BM25 retrieval needs the optional extra: pip install 'rexrag-fast[bm25]'")
 
 ROWS = [
     {"id": "a", "contents": '"Apple"\napple banana apple'},
@@ -42,6 +45,7 @@ def _lucene_bm25(query: list[str], docs: list[list[str]], k1: float = 0.9, b: fl
     return scores
 
 
+@needs_bm25
 def test_scores_are_lucene_bm25_with_pyserini_defaults(tmp_path):
     corpus = _write(tmp_path / "c.jsonl", ROWS)
     build_bm25_index(corpus, tmp_path / "bm25", progress=False)
@@ -59,6 +63,7 @@ def test_scores_are_lucene_bm25_with_pyserini_defaults(tmp_path):
     assert len(retriever.retrieve(["cherry"], topk=50)[0]) == len(ROWS)
 
 
+@needs_bm25
 def test_world_titles_find_their_documents(tmp_path):
     docs = generate_world(seed=0).documents[:40]
     corpus = _write(tmp_path / "c.jsonl", docs)
@@ -71,6 +76,7 @@ def test_world_titles_find_their_documents(tmp_path):
         read_manifest(tmp_path / "bm25")
 
 
+@needs_bm25
 def test_changed_corpus_and_existing_output_are_refused(tmp_path):
     corpus = _write(tmp_path / "c.jsonl", ROWS)
     build_bm25_index(corpus, tmp_path / "bm25", progress=False)
@@ -79,3 +85,12 @@ def test_changed_corpus_and_existing_output_are_refused(tmp_path):
     _write(corpus, ROWS[:3])
     with pytest.raises(IndexIntegrityError, match="corpus .* bytes"):
         BM25Retriever.from_index(tmp_path / "bm25")
+
+
+def test_without_bm25s_the_error_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # what `import bm25s` meets when the package is absent
+    corpus = _write(tmp_path / "c.jsonl", ROWS)
+    with pytest.raises(ImportError, match=r"pip install 'rexrag-fast\[bm25\]'"):
+        build_bm25_index(corpus, tmp_path / "bm25", progress=False)
+    assert main(["index", "--bm25", "--corpus", str(corpus), "--out", str(tmp_path / "bm25")]) == 2
+    assert "needs the optional package bm25s" in capsys.readouterr().err

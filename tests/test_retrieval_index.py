@@ -21,8 +21,8 @@ from rexrag_fast.retrieval import (
     get_embedder,
     read_manifest,
 )
-from rexrag_fast.retrieval.index import verify_index
 from rexrag_fast.retrieval.embedder import resolve_embedder_dtype, resolve_embedder_path
+from rexrag_fast.retrieval.index import verify_index
 
 N_QUESTIONS = 60
 N_DISTRACTORS = 100
