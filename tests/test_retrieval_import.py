@@ -82,6 +82,10 @@ def test_import_refuses_a_mismatch(search_r1_index, tmp_path, capsys):
     assert main(["index", "--import-faiss", str(faiss_file), "--corpus", str(short), "--model", model_dir,
                  "--out", str(tmp_path / "a"), *E5_RECIPE]) == 2
     assert f"holds {N_DOCS} vectors but corpus" in capsys.readouterr().err
+    # another pooling than the index was built with: the re-embedded first rows do not match the stored vectors
+    assert main(["index", "--import-faiss", str(faiss_file), "--corpus", str(corpus), "--model", model_dir,
+                 "--out", str(tmp_path / "c"), "--pooling", "cls", "--passage-prefix", "passage: "]) == 2
+    assert "pooling 'cls'" in capsys.readouterr().err and not (tmp_path / "c" / "manifest.json").exists()
     assert main(["index", "--import-faiss", str(tmp_path / "nope.index"), "--corpus", str(corpus),
                  "--out", str(tmp_path / "b")]) == 2
     assert "nope.index" in capsys.readouterr().err
