@@ -98,8 +98,10 @@ def build_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     Rows are embedded `chunk_size` at a time; each finished chunk [n, D] float32 is saved before the next starts,
     and `on_chunk_done(k, n_chunks)` runs after chunk k is saved. Re-running after a crash (same chunk_size) resumes
     from the saved chunks. If `out_dir` already holds a complete index of the same corpus, embedder and config (any
-    chunk_size), nothing is rebuilt. Returns the manifest dict.
+    chunk_size), nothing is rebuilt. Progress bars (progress=True): corpus scan, embedding, faiss add, index write.
+    Returns the manifest dict.
     """
+    from tqdm import tqdm
 
     config = config or IndexConfig()
     config.validate()
@@ -151,8 +153,6 @@ def build_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[
         _embed_chunks(docs, emb, chunk_dir, chunk_size, n_chunks, progress, on_chunk_done)
     finally:
         docs.close()
-
-    from tqdm import tqdm
 
     index = _new_index(config, emb.dimension, n_docs)
     if config.index_type == "ivf":
