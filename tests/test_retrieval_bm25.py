@@ -14,7 +14,8 @@ from rexrag_fast.cli import main
 from rexrag_fast.data.world import generate_world
 from rexrag_fast.retrieval import read_manifest
 from rexrag_fast.retrieval.bm25 import BM25Retriever, build_bm25_index
-from rexrag_fast.retrieval.index import IndexIntegrityError, IndexMismatchError
+from rexrag_fast.retrieval.index import IndexIntegrityError, IndexMismatchError, verify_index
+from rexrag_fast.retrieval.local import load_retriever
 
 needs_bm25 = pytest.mark.skipif(importlib.util.find_spec("bm25s") is None,
                                 reason="BM25 retrieval needs the optional extra: pip install 'rexrag-fast[bm25]'")
@@ -68,7 +69,8 @@ def test_world_titles_find_their_documents(tmp_path):
     docs = generate_world(seed=0).documents[:40]
     corpus = _write(tmp_path / "c.jsonl", docs)
     assert main(["index", "--bm25", "--corpus", str(corpus), "--out", str(tmp_path / "bm25")]) == 0
-    retriever = BM25Retriever.from_index(tmp_path / "bm25")
+    retriever = load_retriever(tmp_path / "bm25", verify=True)
+    assert isinstance(retriever, BM25Retriever)
     queries = [d["contents"] for d in docs]
     assert [r[0]["id"] for r in retriever.retrieve(queries, topk=1, return_scores=False)] == [d["id"] for d in docs]
     # the dense loader names the BM25 index instead of failing on a missing key
@@ -82,6 +84,13 @@ def test_changed_corpus_and_existing_output_are_refused(tmp_path):
     build_bm25_index(corpus, tmp_path / "bm25", progress=False)
     with pytest.raises(IndexMismatchError, match="already holds an index"):
         build_bm25_index(corpus, tmp_path / "bm25", progress=False)
+    verify_index(tmp_path / "bm25", progress=False)
+    model_file = sorted((tmp_path / "bm25" / "bm25").glob("*.npy"))[0]
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the score matrix
+    model_file.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match=f"BM25 file bm25/{model_file.name} .* has sha256"):
+        verify_index(tmp_path / "bm25", progress=False)
     _write(corpus, ROWS[:3])
     with pytest.raises(IndexIntegrityError, match="corpus .* bytes"):
         BM25Retriever.from_index(tmp_path / "bm25")

@@ -14,6 +14,7 @@ from rexrag_fast.cli import main
 from rexrag_fast.data.world import generate_world
 from rexrag_fast.retrieval import LocalRetriever, build_index, get_embedder, read_manifest
 from rexrag_fast.retrieval.index import IndexIntegrityError, IndexMismatchError, verify_index
+from rexrag_fast.retrieval.local import load_retriever
 
 N_DOCS = 12
 
@@ -83,6 +84,8 @@ def test_swapped_span_rows_are_refused(copy, docs):
     assert hits[0]["document"]["id"] == docs[4]["id"]
     with pytest.raises(IndexIntegrityError, match=r"doc spans .*doc_spans.npy has sha256"):
         verify_index(index_dir, progress=False)
+    with pytest.raises(IndexIntegrityError, match="doc_spans.npy has sha256"):
+        load_retriever(index_dir, verify=True)
 
 
 def test_overwritten_vector_is_refused(copy):

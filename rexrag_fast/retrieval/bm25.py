@@ -11,7 +11,8 @@ Tokens: lower-cased words, English stop words removed, no stemming (pyserini als
 
 Index directory layout:
     manifest.json   {"retriever": "bm25", "count", "k1", "b", "stopwords", "corpus_sha256", "corpus_path",
-                     "corpus_bytes", "spans_sha256", "spans_bytes", ...}; written last
+                     "corpus_bytes", "spans_sha256", "spans_bytes", "model_files": {path: {"bytes", "sha256"}},
+                     ...}; written last (`verify_index` re-hashes all of them)
     bm25/           the bm25s model (vocabulary and the sparse score matrix)
     doc_spans.npy   [N, 2] int64 byte spans of the corpus rows, as for dense indexes
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rexrag_fast.retrieval.corpus import DocStore, scan_corpus
+from rexrag_fast.retrieval.corpus import DocStore, file_sha256, scan_corpus
 from rexrag_fast.retrieval.index import (
     MANIFEST_FILE,
     SPANS_FILE,
@@ -83,10 +84,12 @@ def build_bm25_index(corpus_path: str | os.PathLike[str], out_dir: str | os.Path
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / BM25_DIR, ignore_errors=True)
     model.save(str(out / BM25_DIR))
+    model_files = {f"{BM25_DIR}/{f.name}": {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                   for f in sorted((out / BM25_DIR).iterdir()) if f.is_file()}
     manifest = {"format_version": BM25_FORMAT_VERSION, "retriever": "bm25", "count": n_docs, "k1": k1, "b": b,
                 "method": "lucene", "stopwords": STOPWORDS, "stemmer": None, "bm25s_version": bm25s.__version__,
                 "corpus_sha256": sha, "corpus_path": str(corpus_path), "corpus_bytes": corpus_path.stat().st_size,
-                **write_spans(spans, out / SPANS_FILE)}
+                "model_files": model_files, **write_spans(spans, out / SPANS_FILE)}
     atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
     return manifest
 

@@ -274,47 +274,59 @@ def _check_imported_vectors(index: Any, corpus_path: Path, spans: np.ndarray, em
 
 
 def read_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a complete index directory (clear errors for an incomplete or foreign one)."""
+    """The manifest of a complete dense index directory (clear errors for an incomplete or foreign one)."""
     d = Path(index_dir)
-    path = d / MANIFEST_FILE
-    if not path.is_file():
-        hint = " (a build is in progress or crashed: run the same index command again to resume)" \
-            if (d / BUILD_STATE_FILE).is_file() else ""
-        raise FileNotFoundError(f"{d} is not a complete rexrag-fast index: {MANIFEST_FILE} is missing{hint}")
-    manifest = read_json_object(path)
+    manifest = _read_complete_manifest(d)
     if manifest.get("retriever") == "bm25":
         raise IndexMismatchError(f"{d} is a BM25 index: load it with rexrag_fast.retrieval.bm25.BM25Retriever")
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
-        raise IndexMismatchError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads "
-                                 f"{INDEX_FORMAT_VERSION}; rebuild the index")
+        raise IndexMismatchError(f"{d / MANIFEST_FILE}: format_version {manifest.get('format_version')!r}, this "
+                                 f"code reads {INDEX_FORMAT_VERSION}; rebuild the index")
     return manifest
 
 
 def verify_index(index_dir: str | os.PathLike[str], corpus_path: str | os.PathLike[str] | None = None,
                  progress: bool = True) -> None:
-    """Re-hash index.faiss, doc_spans.npy and the corpus (default: the manifest's corpus_path) against the manifest.
+    """Re-hash the files of an index directory (dense: index.faiss, doc_spans.npy; BM25: its model files and
+    doc_spans.npy) and the corpus (default: the manifest's corpus_path) against the manifest's sha256 and sizes.
 
     Raises IndexIntegrityError naming a file whose size or sha256 differs (FileNotFoundError for a missing one).
-    Sizes are checked first (instant); then the three files are hashed on three threads (hashlib releases the GIL),
+    Sizes are checked first (instant); then the files are hashed on one thread each (hashlib releases the GIL),
     so the time is that of the largest file at min(disk, sha256) speed: wiki-18's e5 flat index (21M x 768 fp32,
     65 GB) at ~0.5-2 GB/s per core takes about 0.5-2 minutes. progress: one tqdm bar per file, with ETA.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     d = Path(index_dir)
-    manifest = read_manifest(d)
+    manifest = _read_complete_manifest(d)
+    if manifest.get("retriever") != "bm25":
+        manifest = read_manifest(d)
     corpus = locate_corpus(d, manifest, corpus_path)
-    _check_sizes(d, manifest, corpus)
-    files = [(d / SPANS_FILE, manifest["spans_sha256"], "doc spans"),
-             (d / INDEX_FILE, manifest["index_sha256"], "faiss index"), (corpus, manifest["corpus_sha256"], "corpus")]
+    files = [(d / SPANS_FILE, manifest["spans_bytes"], manifest["spans_sha256"], "doc spans"),
+             (corpus, manifest["corpus_bytes"], manifest["corpus_sha256"], "corpus")]
+    if manifest.get("retriever") == "bm25":
+        files += [(d / name, f["bytes"], f["sha256"], f"BM25 file {name}")
+                  for name, f in manifest["model_files"].items()]
+    else:
+        files.append((d / INDEX_FILE, manifest["index_bytes"], manifest["index_sha256"], "faiss index"))
+    check_file_sizes(d, [(path, size, what) for path, size, _, what in files])
     with ThreadPoolExecutor(len(files)) as pool:
-        digests = list(pool.map(lambda i: file_sha256(files[i][0], progress, f"verifying {files[i][2]}", position=i),
+        digests = list(pool.map(lambda i: file_sha256(files[i][0], progress, f"verifying {files[i][3]}", position=i),
                                 range(len(files))))
-    for (path, expected, what), got in zip(files, digests):
+    for (path, _, expected, what), got in zip(files, digests):
         if got != expected:
             raise IndexIntegrityError(f"{what} {path} has sha256 {got[:16]}..., the manifest records "
                                       f"{expected[:16]}...: it changed since the index was built. Rebuild the index "
                                       "(`rexrag-fast index ... --overwrite`); serving it would return wrong documents")
+
+
+def _read_complete_manifest(d: Path) -> dict[str, Any]:
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        hint = " (a build is in progress or crashed: run the same index command again to resume)" \
+            if (d / BUILD_STATE_FILE).is_file() else ""
+        raise FileNotFoundError(f"{d} is not a complete rexrag-fast index: {MANIFEST_FILE} is missing{hint}")
+    return read_json_object(path)
 
 
 class DenseIndex:

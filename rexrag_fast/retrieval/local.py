@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from rexrag_fast.retrieval.embedder import DEFAULT_EMBEDDER, Embedder, get_embedder
-from rexrag_fast.retrieval.index import DenseIndex, IndexConfig, IndexMismatchError, build_index
+from rexrag_fast.retrieval.index import (
+    MANIFEST_FILE,
+    DenseIndex,
+    IndexConfig,
+    IndexMismatchError,
+    build_index,
+    read_json_object,
+    verify_index,
+)
 
 
 def check_queries(queries: Any, topk: Any) -> None:
@@ -90,3 +98,20 @@ class LocalRetriever:
             hits = [(self.index.docs.get(i), s) for i, s in zip(row_ids, row_scores) if i >= 0]
             out.append([{"document": d, "score": s} for d, s in hits] if return_scores else [d for d, _ in hits])
         return out
+
+
+def load_retriever(index_dir: str | os.PathLike[str], corpus_path: str | os.PathLike[str] | None = None,
+                   device: str | None = None, dtype: str = "auto", verify: bool = False) -> Any:
+    """The in-process retriever of any index directory: a BM25Retriever for a BM25 index (`rexrag-fast index
+    --bm25`, needs bm25s), else a LocalRetriever (built or imported faiss index, queries embedded with the
+    manifest's recipe). verify=True first re-hashes the index files and corpus (`verify_index`). Both answer
+    `retrieve(queries [Q], topk, return_scores)` as `RetrievalClient` does."""
+    d = Path(index_dir)
+    if verify:
+        verify_index(d, corpus_path=corpus_path)
+    manifest_path = d / MANIFEST_FILE
+    if manifest_path.is_file() and read_json_object(manifest_path).get("retriever") == "bm25":
+        from rexrag_fast.retrieval.bm25 import BM25Retriever
+
+        return BM25Retriever.from_index(d, corpus_path=corpus_path)
+    return LocalRetriever.from_index(d, corpus_path=corpus_path, device=device, dtype=dtype)
