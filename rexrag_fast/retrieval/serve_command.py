@@ -29,10 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=batching.max_wait_ms,
                         help="how long the batcher waits for more requests")
     parser.add_argument("--no-batching", action="store_true", help="embed each request on its own")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip re-hashing index.faiss, doc_spans.npy and the corpus at start-up (minutes for "
+                             "wiki-18); file sizes are still checked, edits that keep sizes go unnoticed")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rexrag_fast.retrieval.index import IndexMismatchError
+    from rexrag_fast.retrieval.index import IndexMismatchError, verify_index
     from rexrag_fast.retrieval.server import serve
 
     limits = ServerLimits(max_queries=args.max_queries, max_topk=args.max_topk, max_query_chars=args.max_query_chars,
@@ -40,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
     batching = BatchingConfig(enabled=not args.no_batching, max_batch_queries=args.max_batch_queries,
                               max_wait_ms=args.max_wait_ms)
     try:
+        if args.no_verify:
+            print("rexrag-fast serve: --no-verify: not re-hashing index.faiss, doc_spans.npy and the corpus; only "
+                  "their sizes are checked", file=sys.stderr)
+        else:
+            verify_index(args.index, corpus_path=args.corpus)
         serve(args.index, host=args.host, port=args.port, limits=limits, batching=batching, embedder=args.embedder,
               corpus_path=args.corpus, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, IndexMismatchError) as e:
