@@ -265,3 +265,10 @@ def test_served_results_do_not_depend_on_other_traffic(retriever):  # noqa: F811
 ])
 def test_fair_shares_are_max_min_fair(waiting, budget, grants):
     assert fair_shares(waiting, budget) == grants
+
+
+def test_serve_refuses_limits_that_cannot_work(capsys):
+    from rexrag_fast.cli import main
+
+    assert main(["serve", "--index", "unused", "--max-queries", "5000", "--max-pending-queries", "4096"]) == 2
+    assert "max_pending_queries (4096) is below max_queries (5000)" in capsys.readouterr().err
