@@ -262,6 +262,7 @@ class MicroBatcher:
                 for part in parts:
                     try:
                         self._deliver(part, await self._retrieve([part]))
+                        self.queries += part[2] - part[1]
                     except Exception as e:
                         if not part[0].future.done():
                             part[0].future.set_exception(e)
