@@ -113,6 +113,7 @@ class Embedder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
         self.dtype = resolve_embedder_dtype(dtype, self.device)
+        self.is_e5 = "e5" in Path(name.rstrip("/")).name.lower()
         self.pooling, self.query_prefix, self.passage_prefix = embedding_recipe(name, pooling, query_prefix,
                                                                                 passage_prefix)
         path = resolve_embedder_path(name)
