@@ -143,7 +143,7 @@ ERROR_CASES = [
     ("tables rows", lambda: _replace("block_tables", _valid_args()["block_tables"][:1]), ValueError,
      "block_tables: expected 2 rows"),
     ("lens size", lambda: _replace("context_lens", torch.tensor([5, 9, 1], dtype=torch.int32)), ValueError,
-     "context_lens: expected shape [2]"),
+     r"context_lens: expected shape \[2\]"),
     ("lens too long", lambda: _replace("context_lens", torch.tensor([5, 17], dtype=torch.int32)), ValueError,
      r"context_lens\[1\] = 17: expected 0 <= length <= 16"),
     ("lens negative", lambda: _replace("context_lens", torch.tensor([-1, 9], dtype=torch.int32)), ValueError,
