@@ -177,6 +177,99 @@ def test_num_splits_error_and_unread_padding():
     assert_close(kernel.paged_decode_attention(**args), expected, torch.float32)
 
 
+def make_prefix_case(prefixes: list[int], groups: list[int], contexts: list[int], heads: int, kv_heads: int,
+                     head_dim: int, page: int, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """A decode batch whose sequences share prefixes physically: make_case's tensors, then prefix_block_tables
+    [G, w] int32, prefix_lens [G] int32, prefix_groups [B] int32.
+
+    Sequence b (contexts[b] keys) starts with prefix groups[b] (or none: -1). Its table reuses the prefix's
+    full blocks; a prefix ending mid-block is copied into each member's own next block (copy-on-write), and the
+    group's prefix table points at its first member's copy.
+    """
+    full = [p // page for p in prefixes]
+    n_blocks = sum(-(-c // page) for c in contexts) + sum(full) + 2
+    k_cache = torch.full((n_blocks, page, kv_heads, head_dim), JUNK, dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, JUNK)
+    order = torch.randperm(n_blocks).tolist()
+    shared = [[order.pop() for _ in range(n)] for n in full]
+    prefix_keys = [(torch.randn(p, kv_heads, head_dim), torch.randn(p, kv_heads, head_dim)) for p in prefixes]
+    tables = torch.full((len(contexts), max(-(-c // page) for c in contexts) + 1), PAD_BLOCK, dtype=torch.int32)
+    prefix_tables = torch.full((len(prefixes), max(-(-p // page) for p in prefixes) + 1), PAD_BLOCK,
+                               dtype=torch.int32)
+    for b, (c, gid) in enumerate(zip(contexts, groups)):
+        p = prefixes[gid] if gid >= 0 else 0
+        own = shared[gid] if gid >= 0 else []
+        ids = own + [order.pop() for _ in range(-(-c // page) - len(own))]
+        tables[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        if gid >= 0 and prefix_tables[gid, 0] == PAD_BLOCK:
+            prefix_tables[gid, :-(-p // page)] = tables[b, :-(-p // page)]
+        keys, values = torch.randn(c - p, kv_heads, head_dim), torch.randn(c - p, kv_heads, head_dim)
+        if gid >= 0:
+            keys, values = torch.cat([prefix_keys[gid][0], keys]), torch.cat([prefix_keys[gid][1], values])
+        t = torch.arange(c)
+        slots = (torch.tensor(ids, dtype=torch.long)[t // page] * page + t % page).to(device)
+        k_cache.view(-1, kv_heads, head_dim)[slots] = keys.to(dtype).to(device)
+        v_cache.view(-1, kv_heads, head_dim)[slots] = values.to(dtype).to(device)
+    q = torch.randn(len(contexts), heads, head_dim).to(dtype)
+    as_int = {"dtype": torch.int32, "device": device}
+    return (q.to(device), k_cache, v_cache, tables.to(device), torch.tensor(contexts, **as_int),
+            prefix_tables.to(device), torch.tensor(prefixes, **as_int), torch.tensor(groups, **as_int))
+
+
+# (prefix lengths, group of each sequence, contexts, heads, kv_heads, block_size, num_splits)
+PREFIX_CASES = [
+    ([9, 16], [0, 1, 0, -1, 0], [14, 30, 10, 7, 25], 4, 2, 4, 1),  # one sequence outside every group
+    ([0, 20], [1, 1, 0], [33, 21, 5], 4, 1, 8, 2),                  # an empty prefix; GQA 4
+    ([12], [0, 0, 0], [12, 40, 13], 4, 4, 5, 3),                    # prefix = whole context; mid-block prefix
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("prefixes", "groups", "contexts", "heads", "kv_heads", "page", "splits"), PREFIX_CASES)
+def test_shared_prefix_matches_engine_decode(seed, dtype, prefixes, groups, contexts, heads, kv_heads, page, splits):
+    q, k_cache, v_cache, tables, lens, prefix_tables, prefix_lens, prefix_groups = make_prefix_case(
+        prefixes, groups, contexts, heads, kv_heads, 16, page, dtype)
+    out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, num_splits=splits,
+                                        prefix_block_tables=prefix_tables, prefix_lens=prefix_lens,
+                                        prefix_groups=prefix_groups)
+    assert_close(out, reference(q, k_cache, v_cache, tables, lens, 0.25), dtype, name="decode with shared prefix")
+
+
+def _prefix_args(**changes) -> dict:
+    q, k_cache, v_cache, tables, lens, prefix_tables, prefix_lens, prefix_groups = make_prefix_case(
+        [6], [0, -1, 0], [9, 5, 6], 4, 2, 16, 4, torch.float32)
+    args = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": tables, "context_lens": lens,
+            "scale": 0.25, "prefix_block_tables": prefix_tables, "prefix_lens": prefix_lens,
+            "prefix_groups": prefix_groups}
+    args.update(changes)
+    return args
+
+
+PREFIX_ERROR_CASES = [
+    ("partial", lambda: _prefix_args(prefix_lens=None, prefix_groups=None), ValueError,
+     "pass prefix_block_tables, prefix_lens and prefix_groups together, got only prefix_block_tables"),
+    ("groups int64", lambda: _prefix_args(prefix_groups=torch.tensor([0, -1, 0])), TypeError,
+     "prefix_groups: expected dtype"),
+    ("groups size", lambda: _prefix_args(prefix_groups=torch.tensor([0, 0], dtype=torch.int32)), ValueError,
+     r"prefix_groups: expected shape \[3\]"),
+    ("lens size", lambda: _prefix_args(prefix_lens=torch.tensor([6, 2], dtype=torch.int32)), ValueError,
+     r"prefix_lens: expected shape \[1\]"),
+    ("group id", lambda: _prefix_args(prefix_groups=torch.tensor([0, 1, 0], dtype=torch.int32)), ValueError,
+     r"prefix_groups\[1\] = 1: expected -1 \(no shared prefix\) or a group in \[0, 1\)"),
+    ("short member", lambda: _prefix_args(prefix_groups=torch.tensor([0, 0, 0], dtype=torch.int32)), ValueError,
+     r"context_lens\[1\] = 5 is shorter than the shared prefix of its group 0 \(prefix_lens = 6\)"),
+    ("prefix too long", lambda: _prefix_args(prefix_lens=torch.tensor([13], dtype=torch.int32)), ValueError,
+     r"prefix_lens\[0\] = 13: expected 0 <= length <= 12"),
+]
+
+
+@pytest.mark.parametrize(("build", "error", "match"), [c[1:] for c in PREFIX_ERROR_CASES],
+                         ids=[c[0] for c in PREFIX_ERROR_CASES])
+def test_shared_prefix_argument_errors(build, error, match):
+    with pytest.raises(error, match=match):
+        kernel.paged_decode_attention(**build())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "page"), [(32, 8, 128, 16), (16, 16, 64, 256),
@@ -203,3 +296,21 @@ def test_gpu_cuda_graph_capture_replays(seed):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_shared_prefix_large(seed, dtype):
+    # 2 groups of 8 and 5 rollouts over 1500- and 700-key prompts, 3 sequences without a group
+    groups = [0] * 8 + [1] * 5 + [-1] * 3
+    contexts = [1500 + 37 * i for i in range(8)] + [700 + 5 * i for i in range(5)] + [90, 2000, 1]
+    q, k_cache, v_cache, tables, lens, prefix_tables, prefix_lens, prefix_groups = make_prefix_case(
+        [1500, 700], groups, contexts, 32, 8, 128, 16, dtype, device="cuda")
+    tables[tables < 0] = 0
+    prefix_tables[prefix_tables < 0] = 0
+    expected = reference(q, k_cache, v_cache, tables, lens, 128 ** -0.5)
+    for splits in (None, 1, 4):
+        out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, 128 ** -0.5, num_splits=splits,
+                                            prefix_block_tables=prefix_tables, prefix_lens=prefix_lens,
+                                            prefix_groups=prefix_groups)
+        assert_close(out, expected, dtype, name=f"splits={splits}", atol=2e-2 if dtype != torch.float32 else 1e-4)
