@@ -32,6 +32,14 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def dot_options(dtype: torch.dtype) -> dict[str, object]:
+    """tl.dot options for operands of `dtype`: fp32 takes the exact ("ieee") path, bf16/fp16 the tensor-core one.
+    The interpreter (triton 3.7) returns garbage for a bf16 tl.dot, so there half-precision operands are widened
+    to fp32 first (exact): kernels take DOT_PRECISION and DOT_IN_FP32 as constexprs."""
+    widen = dtype != torch.float32 and interpreting()
+    return {"DOT_PRECISION": "tf32" if dtype != torch.float32 and not widen else "ieee", "DOT_IN_FP32": widen}
+
+
 def compile_for_gpu(fn: object, arg_types: dict[str, str], constexprs: dict[str, object], *, arch: int = 90,
                     num_warps: int = 4, num_stages: int = 2) -> None:
     """Compile a @triton.jit kernel down to a CUDA cubin for compute capability `arch` (ptxas included), no GPU

@@ -38,10 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import can_launch, cdiv, interpreting
+from .launch import can_launch, cdiv, dot_options, interpreting
 
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# A split below this many keys costs more in its partial write and merge than it gains in parallelism.
+# Fewest keys worth a split of their own (its partial write and the merge cost a fixed amount); a guess until
+# measured on a GPU (vLLM's split-K decode uses 512-key partitions).
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 16
 LOG2E = 1.4426950408889634
@@ -242,13 +243,6 @@ def _config(dtype: torch.dtype, head_dim: int, group: int) -> dict[str, int]:
     return {**tiles, "BLOCK_N": 64 if head_dim <= 128 else 32, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
 
 
-def _dot_options(dtype: torch.dtype) -> dict[str, object]:
-    """fp32 KV takes the exact dot path, fp16/bf16 the tensor-core one. The interpreter (triton 3.7) returns
-    garbage for a bf16 tl.dot, so there half-precision tiles are widened to fp32 first (exact)."""
-    widen = dtype != torch.float32 and interpreting()
-    return {"DOT_PRECISION": "tf32" if dtype != torch.float32 and not widen else "ieee", "DOT_IN_FP32": widen}
-
-
 def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...],
                   device: torch.device | None) -> None:
     if not isinstance(t, torch.Tensor):
@@ -438,7 +432,7 @@ def paged_decode_attention(
         acc = torch.empty(batch, heads, total_splits, head_dim, device=q.device, dtype=torch.float32)
     kv_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                   v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
-    dot = _dot_options(q.dtype)
+    dot = dot_options(q.dtype)
     _decode_partial_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, starts if has_prefix else context_lens, out, m, l, acc,
         float(scale) * LOG2E, splits, total_splits,

@@ -321,7 +321,7 @@ def test_gpu_shared_prefix_large(seed, dtype):
 HOPPER_COMPILE = """
 import torch
 from rexrag_fast.kernels import paged_attention as K
-from rexrag_fast.kernels.launch import compile_for_gpu
+from rexrag_fast.kernels.launch import compile_for_gpu, dot_options
 
 INT_POINTERS = {"tables_ptr", "lens_ptr", "starts_ptr", "ptables_ptr", "plens_ptr", "group_starts_ptr", "members_ptr"}
 CASES = ((torch.float16, "fp16", 32, 8, 128), (torch.bfloat16, "bf16", 20, 4, 80), (torch.float32, "fp32", 16, 16, 64))
@@ -330,7 +330,7 @@ for dtype, kv, heads, kv_heads, head_dim in CASES:
     cfg = K._config(dtype, head_dim, group)
     block_m = cfg.pop("BLOCK_M")
     launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-    common = {"NUM_HEADS": heads, "GROUP": group, "HEAD_DIM": head_dim, "PAGE": 16, **K._dot_options(dtype)}
+    common = {"NUM_HEADS": heads, "GROUP": group, "HEAD_DIM": head_dim, "PAGE": 16, **dot_options(dtype)}
 
     def types(fn):
         return {n: ("*i32" if n in INT_POINTERS else "*fp32" if n in ("m_ptr", "l_ptr", "acc_ptr") else "*" + kv)
