@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
+from rexrag_fast.kernels.paged_attention import paged_decode_attention
 
-from rexrag_fast.engine.attention import AttentionMetadata
+from rexrag_fast.engine.attention import AttentionMetadata, write_kv
 from rexrag_fast.engine.cuda_graphs import DecodeGraphRunner, DecodeInputs, bucket_for, bucket_sizes
 from rexrag_fast.engine.model_runner import ModelRunner
 from rexrag_fast.engine.models import tiny_model
@@ -163,3 +164,55 @@ def test_gpu_captured_decode_matches_eager():
         fill_pool(model_runner)
         out = graphs.run(*batch).clone()
         assert_close(out, expected, torch.bfloat16, atol=5e-2, rtol=5e-2, name=f"logits, batch {len(contexts)}")
+
+
+def triton_attention_forward(device: torch.device, heads: int = 4, kv_heads: int = 2, head_dim: int = 16):
+    """A one-layer DecodeForward on the Triton decode kernel: embed(id) + embed(position) -> q, k, v -> write the
+    new K/V -> paged decode attention. Returns (forward, k_cache, v_cache)."""
+    g = torch.Generator().manual_seed(7)
+    hidden = heads * head_dim
+
+    def weight(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    tokens, places = weight(VOCAB, hidden), weight(64, hidden)
+    wq, wk, wv = weight(hidden, hidden), weight(hidden, kv_heads * head_dim), weight(hidden, kv_heads * head_dim)
+    k_cache = weight(NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim)
+    v_cache = weight(NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim)
+
+    def forward(input_ids, positions, slot_mapping, block_tables, context_lens):
+        x = tokens[input_ids] + places[positions]
+        k, v = (x @ wk).view(-1, kv_heads, head_dim), (x @ wv).view(-1, kv_heads, head_dim)
+        write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return paged_decode_attention((x @ wq).view(-1, heads, head_dim), k_cache, v_cache, block_tables,
+                                      context_lens, head_dim ** -0.5, check_values=False)
+
+    return forward, k_cache, v_cache
+
+
+def test_padded_decode_on_the_triton_kernel():
+    device = torch.device("cpu")
+    forward, k_cache, v_cache = triton_attention_forward(device)
+    batch = decode_batch([3, 9, 14], device)
+    expected = forward(*batch)
+    graphs = DecodeGraphRunner(forward, max_batch=8, max_blocks=6, pad_slot=PAD_SLOT, device=device)
+    out = graphs.run(*batch).clone()
+    atol, rtol = tolerance(torch.float32, 10)
+    assert_close(out, expected, atol=atol, rtol=rtol, name="attention output")
+    # what the step computed on its static inputs, 3 rows + 1 padding row (its K/V rewritten, to the same values)
+    padded_out = graphs.forward(*graphs.inputs.rows(4))
+    assert torch.equal(padded_out[:3], out)
+    assert torch.equal(padded_out[3], torch.zeros_like(padded_out[3]))  # context length 0: attends nothing
+
+
+@pytest.mark.gpu
+def test_gpu_captured_triton_decode_matches_eager():
+    device = torch.device("cuda")
+    forward, k_cache, v_cache = triton_attention_forward(device)
+    graphs = DecodeGraphRunner(forward, max_batch=32, max_blocks=6, pad_slot=PAD_SLOT, device=device)
+    graphs.capture()
+    for contexts in ([5], [3, 9, 14], [1, 2, 3, 4, 5, 6, 7, 8, 9], [4] * 20):
+        batch = decode_batch(contexts, device)
+        expected = forward(*batch).clone()
+        out = graphs.run(*batch)
+        assert_close(out, expected, torch.float32, atol=1e-4, rtol=1e-4, name=f"batch {len(contexts)}")
