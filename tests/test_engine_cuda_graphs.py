@@ -13,8 +13,8 @@ from rexrag_fast.kernels.paged_attention import paged_decode_attention
 
 from rexrag_fast.engine.attention import AttentionMetadata, write_kv
 from rexrag_fast.engine.cuda_graphs import DecodeGraphRunner, DecodeInputs, bucket_for, bucket_sizes
+from rexrag_fast.engine.loaders import tiny_model
 from rexrag_fast.engine.model_runner import ModelRunner
-from rexrag_fast.engine.models import tiny_model
 from rexrag_fast.testing import assert_close, tolerance
 
 VOCAB = 256
