@@ -432,7 +432,7 @@ def _check_values(cfg: Config) -> list[str]:
     need(bool(cfg.model.path), "model.path", "must not be empty")
     for key in ("train_batch_size", "val_batch_size"):
         n = getattr(d, key)
-        need(1 <= n and n * max(rv.n_agent, 1) <= MAX_TRAJECTORIES_PER_STEP, f"data.{key}",
+        need(n >= 1 and n * max(rv.n_agent, 1) <= MAX_TRAJECTORIES_PER_STEP, f"data.{key}",
              f"must be >= 1 and, times rollout.n_agent ({rv.n_agent}), at most {MAX_TRAJECTORIES_PER_STEP:,} "
              f"trajectories per step, got {n}")
     for key in ("max_prompt_length", "max_start_length", "max_response_length", "max_obs_length"):
