@@ -5,7 +5,7 @@
         --roots ROOT...
 
 save: a tiny Qwen2 under ZeRO-3 takes --steps optimizer steps on a fixed batch; after each it is saved to
-DIR/hashed (every file hashed) and DIR/sized (hash_engine_files=False), and its gathered weights go to
+DIR/hashed (default options: every file hashed) and DIR/sized (hash_engine_files=False), and its gathered weights go to
 DIR/weights_step{k}.pt. Every os.fsync call is recorded to DIR/fsync_rank{r}.jsonl (path, order).
 load: for each ROOT, `load_checkpoint(ROOT, engine)` on a fresh engine; DIR/loaded.json gets, per ROOT, the
 step loaded (or null) and the skip messages, and DIR/loaded_{i}.pt the gathered weights after loading.
@@ -96,10 +96,9 @@ def main() -> int:
         timings = {"hashed": [], "sized": []}
         for step in range(1, args.steps + 1):
             train_step(engine, step)
-            for kind, hashed in (("hashed", True), ("sized", False)):
+            for kind, options in (("hashed", {}), ("sized", {"hash_engine_files": False})):  # hashed: the default
                 t0 = time.perf_counter()
-                save_checkpoint(out / kind, TrainerState(step=step, data_position=4 * step), engine,
-                                hash_engine_files=hashed)
+                save_checkpoint(out / kind, TrainerState(step=step, data_position=4 * step), engine, **options)
                 timings[kind].append(time.perf_counter() - t0)
             weights = gathered(engine)
             if rank == 0:
