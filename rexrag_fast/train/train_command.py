@@ -6,7 +6,8 @@ One process, or one per GPU / CPU rank under a launcher (every rank runs the sam
     torchrun --nproc_per_node=8 -m rexrag_fast.cli train --config configs/qwen2.5-3b.yaml
     deepspeed --hostfile hostfile --module rexrag_fast.cli train --config configs/qwen2.5-3b.yaml
 
-Before anything heavy starts, the config is validated (every problem listed with its key path) and a
+Before anything heavy starts, the config is validated (every problem listed with its key path; data files
+and the output directory are checked on disk) and a
 configured retrieval server gets one query; an unreachable server ends the command at once with exit
 status 2 and a message naming retriever.url.
 """
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from rexrag_fast.retrieval.retriever import RetrieverUnavailableError, check_retriever
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, paths=True)
     except (ConfigError, FileNotFoundError) as e:
         print(f"rexrag-fast train: {e}", file=sys.stderr)
         return 2
