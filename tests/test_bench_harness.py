@@ -124,3 +124,11 @@ def test_skips_and_rooflines_reach_json_and_merge(tmp_path: Path, monkeypatch) -
 
 def test_merge_of_a_missing_file_fails(tmp_path: Path) -> None:
     assert main(["--merge", str(tmp_path / "absent.json")]) == 2
+
+
+def test_train_step_gpu_preset_builds_the_qwen25_3b_shape() -> None:
+    from bench.stages.train_step import QWEN25_3B, shaped_model
+
+    model = shaped_model(QWEN25_3B, seed=0, device="meta")  # shapes only, no memory
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 3.09  # Qwen2.5-3B: 3.09B
+    assert model.lm_head.weight is model.model.embed_tokens.weight
