@@ -19,7 +19,7 @@ py=${PYTHON:-.venv/bin/python}
 dest=.whl
 budget=$((64 * 1024 * 1024))
 # name -> import name, for reading the installed version
-packages="hjson pydantic pydantic-core annotated-types typing-inspection liger-kernel faiss-cpu setuptools gguf
+packages="hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions liger-kernel faiss-cpu setuptools gguf
 fastapi starlette uvicorn"
 
 version_of() { "$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
