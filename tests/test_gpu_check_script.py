@@ -31,7 +31,7 @@ def _plan(*args: str, out: str = "gpu_check_out") -> dict[str, tuple[int, str]]:
 def test_plan_has_every_part_and_the_device_call_fits_its_budget(mode):
     parts = _plan(*mode)
     total = parts.pop("total")[0]
-    assert list(parts) == ["install", "nvidia-smi", "pytest-gpu", *STAGES, "merge"]
+    assert list(parts) == ["install", "nvidia-smi", "pytest-gpu", "world", *STAGES, "merge"]
     assert total == sum(limit for limit, _ in parts.values())
     assert all(limit > 0 for limit, _ in parts.values())
     if not mode:  # the rehearsal's limits only catch hangs on a slow CPU
