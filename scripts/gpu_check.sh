@@ -43,7 +43,7 @@ if [ "$mode" = gpu ]; then
                      [linear_logprobs]=55 [rollout]=50 [train_step]=115 [merge]=5)
 else
   declare -gA limit=([install]=60 [nvidia-smi]=5 [pytest-gpu]=240 [world]=240 [policy_loss]=180
-                     [linear_logprobs]=180 [rollout]=300 [train_step]=300 [merge]=60)
+                     [linear_logprobs]=180 [rollout]=450 [train_step]=600 [merge]=60)
 fi
 order="install nvidia-smi pytest-gpu world $stages merge"
 # The embedded world, its tokenizer and its MiniLM index, built once into the cache before the stages that
