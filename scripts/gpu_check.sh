@@ -95,7 +95,8 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/gpu_check_torch_extensi
 run_part() {
   local name=$1 log=$2
   shift 2
-  local t0=$SECONDS rc
+  local t0=$SECONDS rc marker
+  marker=$(mktemp)
   echo "== $name (limit ${limit[$name]}s): $(command_of "$name")" | tee -a "$log"
   timeout --kill-after=10 "${limit[$name]}" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
@@ -103,6 +104,13 @@ run_part() {
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="TIMED OUT"; elif [ "$rc" != 0 ]; then status="FAILED rc=$rc"; fi
   printf '%-16s %-14s %4ss of %ss\n' "$name" "$status" "$((SECONDS - t0))" "${limit[$name]}" | tee -a "$out/summary.txt"
   [ "$status" = ok ] || failed+=("$name")
+  if [ "$status" = "TIMED OUT" ]; then
+    # A JIT build (DeepSpeed's ops, torch extensions) killed mid-way leaves its lock file, and every later
+    # load of that op would wait on it forever: remove the locks this part created (timeout killed its builds).
+    find "$TORCH_EXTENSIONS_DIR" -name lock -newer "$marker" -print -delete 2>/dev/null \
+      | sed 's/^/removed stale JIT-build lock: /' | tee -a "$log"
+  fi
+  rm -f "$marker"
 }
 
 install_gpu() {
