@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from rexrag_fast.engine.loaders import tiny_model
 
+from rexrag_fast.engine.loaders import tiny_model
 from rexrag_fast.train import checkpoint
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.actor import build_deepspeed_config
