@@ -26,9 +26,9 @@ def test_guard_skips_warns_and_stops_after_n_in_a_row(caplog: pytest.LogCaptureF
     assert guard.agree(True) and guard.bad_ranks == []
     assert not guard.agree(False) and guard.bad_ranks == [0]
     with caplog.at_level(logging.WARNING, logger="rexrag_fast.train.finite_guard"):
-        guard.record(False, where="RL step 4, epoch 1, mini-batch 1 of 2", what="loss on ranks [0]")
+        guard.record(False, where="RL step 4, epoch 1, mini-batch 1 of 2", what="ranks [0]")
         guard.record(False, where="RL step 4, epoch 1, mini-batch 2 of 2", what="gradient norm nan")
-    assert "RL step 4, epoch 1, mini-batch 1 of 2: non-finite loss or gradient (loss on ranks [0]); update " \
+    assert "RL step 4, epoch 1, mini-batch 1 of 2: non-finite loss or gradient (ranks [0]); update " \
            "skipped (1 in a row, the run stops at 3 = actor.max_nonfinite_updates)" in caplog.text
     assert "(2 in a row" in caplog.text
     assert guard.metrics() == {"actor/skipped_updates": 2.0, "actor/nonfinite_streak": 2.0}
@@ -62,7 +62,9 @@ def test_nan_on_one_rank_skips_that_update_everywhere(tmp_path: Path, stage: str
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["actor/skipped_updates"] for r in rows] == [0.0, 2.0, 0.0]  # ppo_epochs 2 x the poisoned mini-batch
     assert all(r["actor/nonfinite_streak"] == 0.0 for r in rows)
-    assert "RL step 2, epoch 1, mini-batch 1 of 2: non-finite loss or gradient (loss on ranks [1]); update skipped" \
+    # Stage 3: only rank 1's loss was NaN. Stage 0: the all-reduced gradient is NaN on both ranks too.
+    ranks = "[1]" if stage == "3" else "[0, 1]"
+    assert f"RL step 2, epoch 1, mini-batch 1 of 2: non-finite loss or gradient (ranks {ranks}); update skipped" \
         in proc.stderr
     final = torch.load(tmp_path / "weights_step3.pt")
     start = torch.load(tmp_path / "weights_step0.pt")
@@ -78,6 +80,6 @@ def test_nan_in_every_update_stops_the_run(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode != 0
     assert "NonFiniteUpdateError: RL step 2, epoch 2, mini-batch 1 of 2: 3 optimizer steps in a row had a " \
-           "non-finite loss or gradient (loss on ranks [1]); stopping (actor.max_nonfinite_updates = 3)" \
+           "non-finite loss or gradient (ranks [1]); stopping (actor.max_nonfinite_updates = 3)" \
         in proc.stderr, proc.stderr[-4000:]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]

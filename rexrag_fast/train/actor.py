@@ -291,7 +291,7 @@ class ZeroActor:
                     self.engine.zero_grad()  # stage 0 would apply the non-finite gradients: drop them
                 gn = self.engine.get_global_grad_norm()
                 gn = _to_float(gn) if gn is not None else own_norm
-                what = f"loss on ranks {self.finite_guard.bad_ranks}" if not finite else f"gradient norm {gn}"
+                what = f"ranks {self.finite_guard.bad_ranks}" if not finite else f"gradient norm {gn}"
                 self.finite_guard.record(finite and is_finite(gn), what=what, where=(
                     f"RL step {step + 1}, epoch {epoch + 1}, mini-batch {mini_index + 1} of {n_mini}"))
                 if gn is not None and is_finite(gn):

@@ -55,7 +55,7 @@ class FiniteGuard:
         raise NonFiniteUpdateError once `max_in_a_row` such steps came in a row.
 
         where: where the run is, for the messages (e.g. "RL step 12, optimizer step 3 of 4").
-        what: what was not finite (e.g. "loss on ranks [1]", "gradient norm nan").
+        what: what was not finite (e.g. "ranks [1]", "gradient norm nan").
         """
         if finite:
             self.streak = 0
