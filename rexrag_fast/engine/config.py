@@ -6,6 +6,8 @@ import dataclasses
 
 import torch
 
+ATTENTION_BACKENDS = ("auto", "cpp", "flash_attn", "triton", "torch")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -20,7 +22,8 @@ class EngineConfig:
     dtype / device: of the weights and the KV pool; None -> the model's device, and the model's dtype on CPU,
         bfloat16 on CUDA.
     enable_prefix_caching: reuse KV of cached prefixes on admission and keep finished sequences' blocks.
-    attention_backend: "auto" (flash-attn on CUDA when importable, else PyTorch), "flash_attn" or "torch".
+    attention_backend: "auto" (the C++ paged kernel on the CPU; on CUDA flash-attn when importable, else the
+        Triton decode kernel, else PyTorch), "cpp", "flash_attn", "triton" or "torch" (the reference path).
     """
 
     num_blocks: int = 512
@@ -37,10 +40,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}: expected a positive int, got {value!r}")
-        if self.attention_backend not in ("auto", "flash_attn", "torch"):
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"EngineConfig.attention_backend: expected 'auto', 'flash_attn' or 'torch', "
-                f"got {self.attention_backend!r}"
+                f"EngineConfig.attention_backend: expected one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
 
 
