@@ -162,6 +162,30 @@ def test_half_precision_pool_and_weights(qwen, dtype, atol):
                      atol=atol, rtol=0.0, name=f"{dtype} log-probs")
 
 
+def test_cpp_backend_reads_shared_cached_prefixes(qwen):
+    """The C++ kernel is the CPU default; with 4 requests on one cached 40-token prefix, the decode steps read
+    its full blocks once for all of them, and the greedy tokens stay those of transformers (fp32)."""
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=64, block_size=8))
+    assert engine.runner.backend == "cpp"
+    prefix = prompts_of([40], seed=21)[0]
+    prompts = [prefix + tail for tail in prompts_of([3, 9, 1, 14], seed=22)]
+    engine.generate([Request(prefix + [1], GREEDY)])  # caches the prefix's 5 full blocks
+    outs = engine.generate([Request(p, GREEDY) for p in prompts])
+    assert engine.runner.decode_kv_blocks_saved > 0
+    for p, out in zip(prompts, outs):
+        assert out.output_token_ids == hf_greedy(qwen, p, GREEDY.max_tokens)
+
+
+def test_auto_dtype_follows_the_cpu(qwen):
+    from rexrag_fast.engine.config import cpu_has_native_bf16
+
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=16, block_size=8, dtype="auto"))
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert engine.runner.dtype == expected and engine.runner.kv.data.dtype == expected
+    out = engine.generate([Request(prompts_of([10], seed=23)[0], GREEDY)])[0]
+    assert len(out.output_logprobs) == GREEDY.max_tokens
+
+
 @pytest.mark.gpu
 def test_cuda_greedy_matches_transformers():
     model = tiny_model("qwen2", vocab_size=VOCAB, seed=0).cuda()

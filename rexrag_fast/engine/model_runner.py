@@ -43,6 +43,11 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device)
         self.backend = choose_backend(attention_backend, device, block_size, dtype)
+        # "cpp" decode steps: KV blocks read per layer and KV head (K and V each), and reads saved by reading
+        # shared prefix blocks once (bench/stages/rollout.py turns them into bytes per step)
+        self.decode_steps = 0
+        self.decode_kv_blocks_read = 0
+        self.decode_kv_blocks_saved = 0
 
     def update_weights(self, model_or_state_dict: Any) -> None:
         """Copy new weight values in place (the KV pool is untouched)."""
@@ -68,5 +73,10 @@ class ModelRunner:
             h = rms_norm(x, layer["post_norm"], s.rms_norm_eps)
             gate, up = F.linear(h, layer["w_gate_up"], layer["b_gate_up"]).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer["w_down"], layer["b_down"])
+        if meta.cpu_plan is not None and not meta.is_prefill:
+            self.decode_steps += 1
+            self.decode_kv_blocks_read += meta.cpu_plan.blocks_read
+            private = sum(-(-c // self.kv.block_size) for c in meta.context_lens_list)
+            self.decode_kv_blocks_saved += private - meta.cpu_plan.blocks_read
         x = rms_norm(x[logits_index], w.final_norm, s.rms_norm_eps)
         return F.linear(x, w.lm_head).float()
