@@ -73,7 +73,7 @@ class ModelRunner:
             h = rms_norm(x, layer["post_norm"], s.rms_norm_eps)
             gate, up = F.linear(h, layer["w_gate_up"], layer["b_gate_up"]).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer["w_down"], layer["b_down"])
-        if meta.cpu_plan is not None and not meta.is_prefill:
+        if self.backend == "cpp" and not meta.is_prefill:
             self.decode_steps += 1
             self.decode_kv_blocks_read += meta.cpu_plan.blocks_read
             private = sum(-(-c // self.kv.block_size) for c in meta.context_lens_list)
