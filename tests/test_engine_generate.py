@@ -79,6 +79,23 @@ def test_shared_prompt_prefix_in_one_batch(qwen):
     assert engine.counters.cached_tokens == 2 * 24  # max_num_seqs=1: each later one finds the first's 3 blocks
 
 
+def test_shared_prefix_in_one_batch_is_computed_once(qwen):
+    """Running sequences publish their prefilled blocks: of requests submitted together on one 40-token
+    prefix, the first prefills it and the others are admitted one step later onto its cached blocks, whose KV
+    every decode step then reads once for all of them."""
+    base = prompts_of([40], seed=8)[0]
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=64, block_size=8))
+    prompts = [base + t for t in prompts_of([3, 6, 11, 1], seed=9)]
+    outs = engine.generate([Request(p, GREEDY) for p in prompts])
+    for p, out in zip(prompts, outs):
+        assert out.output_token_ids == hf_greedy(qwen, p, GREEDY.max_tokens)
+    assert engine.counters.cached_tokens == 3 * 40
+    assert engine.counters.prefill_tokens == sum(map(len, prompts)) - 3 * 40
+    assert engine.runner.decode_kv_blocks_saved > 0
+    engine.block_manager.cache.check_invariants()
+    assert engine.block_manager.allocator.num_free + engine.block_manager.cache.evictable_blocks == 64
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_preemption_under_small_pool(qwen, prefix_caching):
     prompts = prompts_of([5, 9, 14, 3, 11, 7], seed=8)

@@ -50,6 +50,11 @@ class _Rexrag:
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 
+    def kv_reads(self) -> dict[str, int]:
+        """Decode steps so far and KV blocks they read per layer and KV head (the "cpp" backend counts)."""
+        r = self.engine.runner
+        return {"decode_steps": r.decode_steps, "kv_blocks_read": r.decode_kv_blocks_read}
+
 
 class _Vllm:
     def __init__(self, model_dir: str, dtype: str, prompts: list[list[int]], new_tokens: int) -> None:
@@ -67,6 +72,9 @@ class _Vllm:
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+    def kv_reads(self) -> dict[str, int]:
+        return {}
 
 
 def main() -> None:
@@ -95,20 +103,25 @@ def main() -> None:
     startup = time.perf_counter() - t0
     engine.generate(prompts[:2], 4)  # warm-up: first-call costs off the clock
 
-    def timed(n: int) -> tuple[float, list[list[int]]]:
+    kv_reads: dict[str, dict[str, int]] = {}
+
+    def timed(n: int, label: str) -> tuple[float, list[list[int]]]:
+        before = engine.kv_reads()
         t = time.perf_counter()
         tokens = engine.generate(prompts, n)
-        return time.perf_counter() - t, tokens
+        seconds = time.perf_counter() - t
+        kv_reads[label] = {k: v - before[k] for k, v in engine.kv_reads().items()}
+        return seconds, tokens
 
     engine.reset_prefix_cache()
-    prefill_s, _ = timed(1)
+    prefill_s, _ = timed(1, "prefill")
     engine.reset_prefix_cache()
-    run1_s, run1_tokens = timed(new_tokens)
-    run2_s, run2_tokens = timed(new_tokens)
-    prefill_cached_s, _ = timed(1)
+    run1_s, run1_tokens = timed(new_tokens, "run1")
+    run2_s, run2_tokens = timed(new_tokens, "run2")
+    prefill_cached_s, _ = timed(1, "prefill_cached")
     result = dict(engine=args.engine, startup_s=startup, prefill_s=prefill_s, run1_s=run1_s, run2_s=run2_s,
                   prefill_cached_s=prefill_cached_s, run1_tokens=run1_tokens, run2_tokens=run2_tokens,
-                  peak_rss_mb=_peak_rss_mb(), threads=args.threads, dtype=args.dtype)
+                  kv_reads=kv_reads, peak_rss_mb=_peak_rss_mb(), threads=args.threads, dtype=args.dtype)
     with open(args.out, "w") as f:
         json.dump(result, f)
 

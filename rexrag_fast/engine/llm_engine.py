@@ -220,6 +220,8 @@ class LLMEngine:
         for seq in seqs:
             seq.num_computed += seq.num_scheduled
             seq.num_scheduled = 0
+            if is_prefill:
+                self.block_manager.publish(seq)
         finished: list[Sequence] = []
         if sampling_seqs:
             tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs],
