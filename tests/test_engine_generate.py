@@ -193,6 +193,17 @@ def test_cpp_backend_reads_shared_cached_prefixes(qwen):
         assert out.output_token_ids == hf_greedy(qwen, p, GREEDY.max_tokens)
 
 
+def test_bf16_update_weights_refreshes_packed_matmul_weights(qwen):
+    """In bf16 on a CPU with oneDNN bf16 the matmuls read packed copies: a weight update must reach them."""
+    other = tiny_model("qwen2", vocab_size=VOCAB, seed=1)
+    cfg = EngineConfig(num_blocks=16, block_size=8, dtype=torch.bfloat16)
+    engine, fresh = LLMEngine(qwen, config=cfg), LLMEngine(other, config=cfg)
+    engine.update_weights(other)
+    prompt = prompts_of([13], seed=24)[0]
+    got, want = (e.generate([Request(prompt, GREEDY)])[0] for e in (engine, fresh))
+    assert got.output_token_ids == want.output_token_ids and got.output_logprobs == want.output_logprobs
+
+
 def test_auto_dtype_follows_the_cpu(qwen):
     from rexrag_fast.engine.config import cpu_has_native_bf16
 
