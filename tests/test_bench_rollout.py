@@ -48,3 +48,15 @@ def test_rexrag_probe_rows_reuse_the_forked_prefix(world):
     assert x["cached_tokens"] >= x["fork_prefix_tokens"] - x["probes"] * (block - 1)
     assert prefill.value < prefill.baseline_value
     assert any("run 1" in m for m in messages)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shared_prefix_row_counts_every_weight_once(tied):
+    """Bytes per decode step start from the weights' size: the shapes must cover a Llama model exactly."""
+    import torch
+
+    from rexrag_fast.engine.models import tiny_model
+
+    model = tiny_model("llama", vocab_size=300, seed=0, tie_word_embeddings=tied)
+    counted = sum(int(torch.tensor(s).prod()) for s in rollout._param_shapes(model.config))
+    assert counted == sum(p.numel() for p in model.parameters())

@@ -438,7 +438,7 @@ def _shared_prefix_rows(progress: Progress) -> list[Row]:
 
 
 def _param_shapes(cfg) -> list[tuple[int, ...]]:
-    """Shapes of a Llama/Qwen2 decoder's weights (tied embedding counted once)."""
+    """Shapes of a Llama decoder's weights without biases (SmolLM2's), the tied embedding counted once."""
     h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     d = h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
