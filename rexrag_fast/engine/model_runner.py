@@ -97,8 +97,9 @@ class ModelRunner:
             pk = self.packed[i] if self.packed is not None else dict.fromkeys(PACKED)
             h = rms_norm(x, layer["input_norm"], s.rms_norm_eps)
             qkv = self._linear(h, layer["wqkv"], layer["bqkv"], pk["wqkv"])
-            q = apply_rope(qkv[:, :q_size].view(-1, s.num_heads, s.head_dim), cos, sin)
-            k = apply_rope(qkv[:, q_size:q_size + kv_size].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            # q and k rotated in one pass (half the per-layer op launches of two calls; the same elementwise math)
+            qk = apply_rope(qkv[:, :q_size + kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
+            q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
             v = qkv[:, q_size + kv_size:].reshape(-1, s.num_kv_heads, s.head_dim)
             o = paged_attention(self.backend, q, k, v, k_cache, v_cache, meta)
             x = x + self._linear(o.reshape(-1, q_size), layer["wo"], layer["bo"], pk["wo"])
