@@ -303,7 +303,8 @@ def vllm_python() -> str | None:
 def smollm2_hf_dir(progress: Progress) -> Path:
     """SmolLM2-135M-Instruct as a plain transformers checkpoint (fp32 safetensors + tokenizer), saved once.
 
-    A GGUF-loaded model refuses save_pretrained, so a fresh LlamaForCausalLM takes its state dict first.
+    A GGUF-loaded model refuses save_pretrained, so a fresh LlamaForCausalLM takes its state dict first; its
+    config drops the GGUF quantization_config, which vLLM would refuse.
     """
     from transformers import LlamaForCausalLM
 
@@ -312,7 +313,10 @@ def smollm2_hf_dir(progress: Progress) -> Path:
         return out
     progress("(d) saving SmolLM2 as a plain transformers checkpoint")
     model, tokenizer = load_smollm2()
-    fresh = LlamaForCausalLM(model.config)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
     fresh.load_state_dict(model.state_dict())
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
