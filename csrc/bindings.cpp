@@ -21,6 +21,10 @@
 #include "prefix_cache.h"
 
 namespace py = pybind11;
+
+namespace rexrag {
+void bind_paged_attention(py::module_& m);  // paged_attention_bindings.cpp
+}  // namespace rexrag
 using rexrag::BlockAllocator;
 using rexrag::CacheError;
 using rexrag::PrefixCache;
@@ -332,7 +336,7 @@ PyMethodDef g_fast_methods[] = {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "rexrag-fast C++ core: KV block allocator and radix prefix cache (Python face: rexrag_fast.cache)";
+  m.doc() = "rexrag-fast C++ core: KV block allocator and radix prefix cache (Python face: rexrag_fast.cache), CPU paged attention (rexrag_fast.engine.cpu_attention)";
   m.attr("GIL_RELEASE_MIN_ITEMS") = kGilReleaseMinItems;
   g_ndarray_type = py::detail::npy_api::get().PyArray_Type_;
   g_int32_descr = py::dtype::of<int32_t>().release().ptr();  // kept for the module's lifetime
@@ -416,4 +420,5 @@ PYBIND11_MODULE(_C, m) {
     if (!descr) throw py::error_already_set();
     cache_cls.attr(def->ml_name) = py::reinterpret_steal<py::object>(descr);
   }
+  rexrag::bind_paged_attention(m);
 }

@@ -48,3 +48,30 @@ def test_rexrag_probe_rows_reuse_the_forked_prefix(world):
     assert x["cached_tokens"] >= x["fork_prefix_tokens"] - x["probes"] * (block - 1)
     assert prefill.value < prefill.baseline_value
     assert any("run 1" in m for m in messages)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shared_prefix_row_counts_every_weight_once(tied):
+    """Bytes per decode step start from the weights' size: the shapes must cover a Llama model exactly."""
+    import torch
+
+    from rexrag_fast.engine.loaders import tiny_model
+
+    model = tiny_model("llama", vocab_size=300, seed=0, tie_word_embeddings=tied)
+    counted = sum(int(torch.tensor(s).prod()) for s in rollout._param_shapes(model.config))
+    assert counted == sum(p.numel() for p in model.parameters())
+
+
+def test_shared_prefix_rows_without_vllm(tmp_path):
+    """Row (d) end to end on a tiny Llama: our worker subprocess, then transformers generate as the baseline."""
+    from rexrag_fast.engine.loaders import tiny_model
+
+    model = tiny_model("llama", vocab_size=300, seed=0)
+    model.save_pretrained(tmp_path)
+    sizes = dict(prompts=3, prefix=32, tail=5, new=4, threads=1)
+    rows = rollout._shared_prefix_rows(lambda msg: None, tmp_path, None, sizes)
+    assert [r.name for r in rows] == ["SmolLM2-135M generate (shared prefix), run1",
+                                      "SmolLM2-135M generate (shared prefix), run2"]
+    for r in rows:
+        assert r.baseline.startswith("vLLM not configured") and r.value > 0 and r.baseline_value > 0
+        assert r.extra["bytes_per_decode_step"] > 0 and r.extra["peak_rss_mb"] > 0

@@ -77,6 +77,7 @@ def test_bad_sampling_params(kwargs, match):
     (dict(num_blocks=0), "num_blocks"),
     (dict(block_size=-4), "block_size"),
     (dict(attention_backend="xformers"), "attention_backend"),
+    (dict(dtype="bf16"), "dtype"),
 ])
 def test_bad_engine_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -79,6 +79,23 @@ def test_shared_prompt_prefix_in_one_batch(qwen):
     assert engine.counters.cached_tokens == 2 * 24  # max_num_seqs=1: each later one finds the first's 3 blocks
 
 
+def test_shared_prefix_in_one_batch_is_computed_once(qwen):
+    """Running sequences publish their prefilled blocks: of requests submitted together on one 40-token
+    prefix, the first prefills it and the others are admitted one step later onto its cached blocks, whose KV
+    every decode step then reads once for all of them."""
+    base = prompts_of([40], seed=8)[0]
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=64, block_size=8))
+    prompts = [base + t for t in prompts_of([3, 6, 11, 1], seed=9)]
+    outs = engine.generate([Request(p, GREEDY) for p in prompts])
+    for p, out in zip(prompts, outs):
+        assert out.output_token_ids == hf_greedy(qwen, p, GREEDY.max_tokens)
+    assert engine.counters.cached_tokens == 3 * 40
+    assert engine.counters.prefill_tokens == sum(map(len, prompts)) - 3 * 40
+    assert engine.runner.decode_kv_blocks_saved > 0
+    engine.block_manager.cache.check_invariants()
+    assert engine.block_manager.allocator.num_free + engine.block_manager.cache.evictable_blocks == 64
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_preemption_under_small_pool(qwen, prefix_caching):
     prompts = prompts_of([5, 9, 14, 3, 11, 7], seed=8)
@@ -160,6 +177,41 @@ def test_half_precision_pool_and_weights(qwen, dtype, atol):
         assert len(out.output_token_ids) == GREEDY.max_tokens
         assert_close(torch.tensor(out.output_logprobs), hf_logprobs(qwen, out.token_ids, len(p)),
                      atol=atol, rtol=0.0, name=f"{dtype} log-probs")
+
+
+def test_cpp_backend_reads_shared_cached_prefixes(qwen):
+    """The C++ kernel is the CPU default; with 4 requests on one cached 40-token prefix, the decode steps read
+    its full blocks once for all of them, and the greedy tokens stay those of transformers (fp32)."""
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=64, block_size=8))
+    assert engine.runner.backend == "cpp"
+    prefix = prompts_of([40], seed=21)[0]
+    prompts = [prefix + tail for tail in prompts_of([3, 9, 1, 14], seed=22)]
+    engine.generate([Request(prefix + [1], GREEDY)])  # caches the prefix's 5 full blocks
+    outs = engine.generate([Request(p, GREEDY) for p in prompts])
+    assert engine.runner.decode_kv_blocks_saved > 0
+    for p, out in zip(prompts, outs):
+        assert out.output_token_ids == hf_greedy(qwen, p, GREEDY.max_tokens)
+
+
+def test_bf16_update_weights_refreshes_packed_matmul_weights(qwen):
+    """In bf16 on a CPU with oneDNN bf16 the matmuls read packed copies: a weight update must reach them."""
+    other = tiny_model("qwen2", vocab_size=VOCAB, seed=1)
+    cfg = EngineConfig(num_blocks=16, block_size=8, dtype=torch.bfloat16)
+    engine, fresh = LLMEngine(qwen, config=cfg), LLMEngine(other, config=cfg)
+    engine.update_weights(other)
+    prompt = prompts_of([13], seed=24)[0]
+    got, want = (e.generate([Request(prompt, GREEDY)])[0] for e in (engine, fresh))
+    assert got.output_token_ids == want.output_token_ids and got.output_logprobs == want.output_logprobs
+
+
+def test_auto_dtype_follows_the_cpu(qwen):
+    from rexrag_fast.engine.config import cpu_has_native_bf16
+
+    engine = LLMEngine(qwen, config=EngineConfig(num_blocks=16, block_size=8, dtype="auto"))
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert engine.runner.dtype == expected and engine.runner.kv.data.dtype == expected
+    out = engine.generate([Request(prompts_of([10], seed=23)[0], GREEDY)])[0]
+    assert len(out.output_logprobs) == GREEDY.max_tokens
 
 
 @pytest.mark.gpu

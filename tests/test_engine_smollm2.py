@@ -27,3 +27,29 @@ def test_smollm2_greedy_matches_transformers():
         assert_close(torch.tensor(out.output_logprobs), hf_logprobs(model, out.token_ids, len(p)),
                      torch.float32, atol=1e-4, name="SmolLM2 log-probs")
     assert "Paris" in outs[0].text
+
+
+def test_smollm2_bf16_greedy_agrees_with_fp32():
+    """A small version of the rollout workload (prompts sharing a prefix, greedy): at >= 95% of the positions
+    the bf16 engine's token is the fp32 model's argmax after the same history (teacher-forced, so one early
+    difference does not count for every later position). Log-probs come back in fp32 all the same."""
+    model, tokenizer = load_smollm2()
+    prefix = tokenizer.encode(
+        "You are a helpful assistant. Answer the question in one or two sentences, using only facts you are "
+        "sure of. If the question is about geography, name the country and the continent. Question: ")
+    questions = ["What is the capital of France?", "Which river flows through Cairo?",
+                 "What is the largest ocean on Earth?", "In which country is the city of Kyoto?"]
+    prompts = [prefix + tokenizer.encode(q) for q in questions]
+    engine = LLMEngine(model, tokenizer=tokenizer, config=EngineConfig(num_blocks=64, block_size=16,
+                                                                      dtype=torch.bfloat16))
+    sp = SamplingParams(temperature=0.0, max_tokens=24, stop=(), ignore_eos=True)
+    outs = engine.generate([Request(p, sp) for p in prompts])
+    agree = total = 0
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            logits = model(torch.tensor([out.token_ids])).logits[0]  # fp32 transformers model
+        fp32_choice = logits[len(p) - 1:-1].argmax(-1)
+        agree += int((fp32_choice == torch.tensor(out.output_token_ids)).sum())
+        total += len(out.output_token_ids)
+        assert all(isinstance(lp, float) for lp in out.output_logprobs)
+    assert agree / total >= 0.95, f"bf16 greedy agrees with fp32 at {agree}/{total} positions"

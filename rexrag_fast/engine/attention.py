@@ -7,17 +7,24 @@ Prefill (varlen): sequence i brings n_i new tokens after c_i - n_i cached ones (
 token r attends to keys j <= c_i - n_i + r. Decode: one new token per sequence, attending to all c_i keys.
 softmax scale 1/sqrt(head_dim); query head h reads KV head h // (heads / kv_heads) (GQA).
 
-Backends: "torch" (scaled_dot_product_attention on gathered blocks; CPU and CUDA) and "flash_attn"
-(flash_attn_varlen_func / flash_attn_with_kvcache with block_table; CUDA, block_size a multiple of 256).
+Backends: "cpp" (the C++ kernel of rexrag_fast.engine.cpu_attention reading the pool in place, shared
+prefix blocks read once per decode step; CPU, fp32/bf16), "flash_attn" (flash_attn_varlen_func /
+flash_attn_with_kvcache with block_table; CUDA, block_size a multiple of 256), "triton" (the Triton decode
+kernel of rexrag_fast.kernels.paged_attention; CUDA; prefill on the PyTorch path) and "torch"
+(scaled_dot_product_attention on gathered blocks; CPU and CUDA, the reference).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from rexrag_fast.engine.config import ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class AttentionMetadata:
     # built by the first layer that needs them, reused by the others
     prefill_masks: list[torch.Tensor | None] | None = None
     decode_mask: torch.Tensor | None = None
+    cpu_plan: Any = None  # rexrag_fast._C.AttentionPlan of the "cpp" backend
 
 
 def _flash_attn_importable() -> bool:
@@ -59,14 +67,20 @@ def _flash_attn_importable() -> bool:
     return True
 
 
-def choose_backend(requested: str, device: torch.device, block_size: int, dtype: torch.dtype) -> str:
-    """'flash_attn' or 'torch' for this device, block size and dtype; each distinct choice is logged once.
+def _triton_decode_importable() -> bool:
+    try:
+        return importlib.util.find_spec("rexrag_fast.kernels.paged_attention") is not None
+    except ImportError:
+        return False
 
-    flash-attn needs CUDA, fp16/bf16 and pages of a multiple of 256 tokens; "auto" falls back to the PyTorch
-    path when any of these is missing.
-    """
-    if requested not in ("auto", "flash_attn", "torch"):
-        raise ValueError(f"attention_backend: expected 'auto', 'flash_attn' or 'torch', got {requested!r}")
+
+def _cpp_available() -> bool:
+    from rexrag_fast.engine import cpu_attention
+
+    return cpu_attention.available()
+
+
+def _flash_problems(device: torch.device, block_size: int, dtype: torch.dtype) -> list[str]:
     problems = []
     if device.type != "cuda":
         problems.append(f"device {device} is not CUDA")
@@ -76,10 +90,59 @@ def choose_backend(requested: str, device: torch.device, block_size: int, dtype:
         problems.append(f"block_size {block_size} is not a multiple of {FLASH_ATTN_BLOCK_MULTIPLE}")
     if not problems and not _flash_attn_importable():
         problems.append("flash-attn is not importable (pip install flash-attn)")
-    if requested == "flash_attn" and problems:
-        raise RuntimeError("attention_backend='flash_attn' cannot run: " + "; ".join(problems))
-    backend = "flash_attn" if not problems and requested != "torch" else "torch"
-    why = f" ({'; '.join(problems)})" if backend == "torch" and device.type == "cuda" and requested == "auto" else ""
+    return problems
+
+
+def _cpp_problems(device: torch.device, dtype: torch.dtype) -> list[str]:
+    problems = []
+    if device.type != "cpu":
+        problems.append(f"device {device} is not the CPU")
+    if dtype not in (torch.float32, torch.bfloat16):
+        problems.append(f"dtype {dtype} is not fp32/bf16")
+    if not problems and not _cpp_available():
+        problems.append("rexrag_fast._C lacks the paged attention (rebuild: pip install -e .)")
+    return problems
+
+
+def _triton_problems(device: torch.device) -> list[str]:
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"device {device} is not CUDA")
+    if not _triton_decode_importable():
+        problems.append("rexrag_fast.kernels.paged_attention is not importable")
+    return problems
+
+
+def choose_backend(requested: str, device: torch.device, block_size: int, dtype: torch.dtype) -> str:
+    """'cpp', 'flash_attn', 'triton' or 'torch' for this device, block size and dtype; each choice logged once.
+
+    "auto": on the CPU the C++ kernel (fp32/bf16); on CUDA flash-attn (fp16/bf16, pages of a multiple of 256
+    tokens), else the Triton decode kernel, else PyTorch. A backend requested by name that cannot run raises.
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend: expected one of {ATTENTION_BACKENDS}, got {requested!r}")
+    checks = {
+        "cpp": lambda: _cpp_problems(device, dtype),
+        "flash_attn": lambda: _flash_problems(device, block_size, dtype),
+        "triton": lambda: _triton_problems(device),
+        "torch": lambda: [],
+    }
+    why = ""
+    if requested == "auto":
+        order = ("cpp", "torch") if device.type == "cpu" else ("flash_attn", "triton", "torch")
+        skipped = []
+        for candidate in order:
+            problems = checks[candidate]()
+            if not problems:
+                backend = candidate
+                break
+            skipped.append(f"{candidate}: {'; '.join(problems)}")
+        why = f" ({' | '.join(skipped)})" if skipped else ""
+    else:
+        problems = checks[requested]()
+        if problems:
+            raise RuntimeError(f"attention_backend={requested!r} cannot run: " + "; ".join(problems))
+        backend = requested
     message = f"rollout engine attention backend: {backend} on {device}{why}"
     if message not in _logged:
         _logged.add(message)
@@ -171,6 +234,69 @@ def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return o.squeeze(1)
 
 
+@dataclasses.dataclass
+class _CppPrefillPlan:
+    """A prefill on the "cpp" backend. Sequences with nothing cached attend to their own new K/V with SDPA
+    (causal, no pool read: its fused kernel beats ours on long causal blocks); the others, with cached
+    context, go through the C++ kernel over the pool: rows [R] of q, planned as their own varlen batch."""
+
+    fresh: list[tuple[int, int]]  # (first row, new tokens) of each sequence with nothing cached
+    rows: torch.Tensor | None  # [R] int64
+    plan: Any
+
+
+def _cpu_plan(meta: AttentionMetadata, block_size: int) -> Any:
+    from rexrag_fast.engine import cpu_attention
+
+    if meta.cpu_plan is not None:
+        return meta.cpu_plan
+    if not meta.is_prefill:
+        meta.cpu_plan = cpu_attention.decode_plan(meta.block_tables, meta.context_lens, block_size)
+        return meta.cpu_plan
+    fresh, cached, rows, start = [], [], [], 0
+    for i, (n, c) in enumerate(zip(meta.query_lens_list, meta.context_lens_list)):
+        if n == c:
+            fresh.append((start, n))
+        else:
+            cached.append(i)
+            rows.append(torch.arange(start, start + n))
+        start += n
+    plan = row_index = None
+    if cached:
+        idx = torch.tensor(cached)
+        q_lens = torch.tensor([meta.query_lens_list[i] for i in cached], dtype=torch.int32)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), q_lens.cumsum(0).to(torch.int32)])
+        plan = cpu_attention.prefill_plan(meta.block_tables[idx], meta.context_lens[idx], cu, block_size)
+        row_index = torch.cat(rows)
+    meta.cpu_plan = _CppPrefillPlan(fresh, row_index, plan)
+    return meta.cpu_plan
+
+
+def _attend_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+    from rexrag_fast.engine.cpu_attention import paged_attention_cpu
+
+    plan = _cpu_plan(meta, k_cache.shape[1])
+    if not meta.is_prefill:
+        return paged_attention_cpu(plan, q, k_cache, v_cache)
+    out = torch.empty_like(q)
+    for start, n in plan.fresh:
+        qi, ki, vi = (x[start:start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+        out[start:start + n] = o[0].transpose(0, 1)
+    if plan.plan is not None:
+        out[plan.rows] = paged_attention_cpu(plan.plan, q[plan.rows], k_cache, v_cache)
+    return out
+
+
+def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor:
+    from rexrag_fast.kernels.paged_attention import paged_decode_attention
+
+    return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                  q.shape[-1] ** -0.5)
+
+
 def paged_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """Write k, v [T, KV, D] into the cache, then attend: q [T, H, D] -> [T, H, D].
@@ -178,6 +304,10 @@ def paged_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     For decode T = B (one token per sequence).
     """
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if backend == "cpp":
+        return _attend_cpp(q, k, v, k_cache, v_cache, meta)
+    if backend == "triton" and not meta.is_prefill:
+        return _decode_triton(q, k_cache, v_cache, meta)
     if backend == "flash_attn":
         return (_prefill_flash(q, k, v, k_cache, v_cache, meta) if meta.is_prefill
                 else _decode_flash(q, k_cache, v_cache, meta))

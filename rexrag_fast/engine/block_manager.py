@@ -39,6 +39,12 @@ class BlockManager:
             self.cache.evict(short)
         return self.allocator.num_free >= n
 
+    def cached_prefix_blocks(self, seq: Sequence) -> int:
+        """Full blocks of seq's prompt (all but its last token) the prefix cache holds now."""
+        if not self.enable_prefix_caching or len(seq) <= 1:
+            return 0
+        return len(self.cache.match_prefix(seq.token_ids[:-1], self.namespace).block_ids)
+
     def admit(self, seq: Sequence) -> bool:
         """Give a waiting sequence blocks for all its tokens, reusing the longest cached prefix.
 
@@ -73,6 +79,32 @@ class BlockManager:
             return False
         seq.block_table.append(int(self.allocator.allocate(1)[0]))
         return True
+
+    def publish(self, seq: Sequence) -> None:
+        """Put a running sequence's computed full blocks into the prefix cache now, not only on release, so
+        that sequences admitted after it reuse them while it still runs (and read them as one shared block).
+
+        The sequence keeps using them: the tree takes over its references and it locks the new, deeper node.
+        Done only when the tree held no more of this prefix than the sequence matched on admission, so the
+        table stays "tree's blocks, then its own" (release relies on that); otherwise nothing changes.
+        """
+        if not self.enable_prefix_caching:
+            return
+        n_full = seq.num_computed // self.block_size
+        if n_full <= seq.num_shared_blocks:
+            return
+        tokens = seq.token_ids[: n_full * self.block_size]
+        m = self.cache.match_prefix(tokens, self.namespace)
+        if len(m.block_ids) > seq.num_shared_blocks:
+            return  # another sequence cached more of this prefix first: keep ours private until release
+        n_cached = self.cache.insert(tokens, seq.block_table[:n_full], self.namespace)
+        assert n_cached == seq.num_shared_blocks * self.block_size
+        m = self.cache.match_prefix(tokens, self.namespace)
+        self.cache.lock(m.handle)
+        if seq.cache_handle is not None:
+            self.cache.unlock(seq.cache_handle)
+        seq.cache_handle = m.handle
+        seq.num_shared_blocks = n_full
 
     def release(self, seq: Sequence) -> None:
         """Return a finished or preempted sequence's blocks: computed full blocks go to the prefix cache.

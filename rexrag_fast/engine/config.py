@@ -6,6 +6,8 @@ import dataclasses
 
 import torch
 
+ATTENTION_BACKENDS = ("auto", "cpp", "flash_attn", "triton", "torch")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -17,17 +19,20 @@ class EngineConfig:
         in a decode step).
     max_num_seqs: most sequences running at once; the scheduler uses min(max_num_seqs, max_num_batched_tokens)
         so that a decode step stays within the token budget.
-    dtype / device: of the weights and the KV pool; None -> the model's device, and the model's dtype on CPU,
-        bfloat16 on CUDA.
+    dtype / device: of the weights and the KV pool; dtype None -> the model's dtype on CPU, bfloat16 on CUDA;
+        "auto" -> bfloat16 on CUDA and on CPUs with native bf16 arithmetic (AVX-512-BF16 or AMX), float32 on
+        other CPUs (where bf16 matmuls are emulated and slower than fp32). device None -> the model's device.
+        Log-probs handed back are fp32 whatever the dtype.
     enable_prefix_caching: reuse KV of cached prefixes on admission and keep finished sequences' blocks.
-    attention_backend: "auto" (flash-attn on CUDA when importable, else PyTorch), "flash_attn" or "torch".
+    attention_backend: "auto" (the C++ paged kernel on the CPU; on CUDA flash-attn when importable, else the
+        Triton decode kernel, else PyTorch), "cpp", "flash_attn", "triton" or "torch" (the reference path).
     """
 
     num_blocks: int = 512
     block_size: int = 16
     max_num_batched_tokens: int = 4096
     max_num_seqs: int = 64
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | str | None = None
     device: torch.device | str | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
@@ -37,11 +42,37 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}: expected a positive int, got {value!r}")
-        if self.attention_backend not in ("auto", "flash_attn", "torch"):
+        if isinstance(self.dtype, str) and self.dtype != "auto":
+            raise ValueError(f"EngineConfig.dtype: expected a torch dtype, None or 'auto', got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"EngineConfig.attention_backend: expected 'auto', 'flash_attn' or 'torch', "
-                f"got {self.attention_backend!r}"
+                f"EngineConfig.attention_backend: expected one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU does bf16 dot products in hardware (x86 flags avx512_bf16 or amx_bf16; Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(requested: torch.dtype | str | None, device: torch.device,
+                  model_dtype: torch.dtype) -> torch.dtype:
+    """The engine's dtype for EngineConfig.dtype `requested` (see there) on `device`."""
+    if requested == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16
+    if requested is None:
+        return model_dtype if device.type == "cpu" else torch.bfloat16
+    return requested
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from rexrag_fast.engine.attention import AttentionMetadata
 from rexrag_fast.engine.block_manager import BlockManager, blocks_for
-from rexrag_fast.engine.config import EngineConfig, SamplingParams
+from rexrag_fast.engine.config import EngineConfig, SamplingParams, resolve_dtype
 from rexrag_fast.engine.counters import EngineCounters
 from rexrag_fast.engine.model_runner import ModelRunner
 from rexrag_fast.engine.sampling import sample
@@ -51,7 +51,7 @@ class LLMEngine:
         if model_config is None:
             raise ValueError("LLMEngine: pass a transformers model, or a state dict together with model_config=")
         device = torch.device(config.device) if config.device is not None else _model_device(model)
-        dtype = config.dtype or (_model_dtype(model) if device.type == "cpu" else torch.bfloat16)
+        dtype = resolve_dtype(config.dtype, device, _model_dtype(model))
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model, model_config, num_blocks=config.num_blocks,
@@ -220,6 +220,8 @@ class LLMEngine:
         for seq in seqs:
             seq.num_computed += seq.num_scheduled
             seq.num_scheduled = 0
+            if is_prefill:
+                self.block_manager.publish(seq)
         finished: list[Sequence] = []
         if sampling_seqs:
             tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs],

@@ -31,6 +31,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+PACKED = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def mkldnn_packing_helps(device: torch.device, dtype: torch.dtype) -> bool:
+    """CPU matmuls through oneDNN with weights pre-packed once (as inductor's freezing does), for fp32 and
+    for bf16 where oneDNN has bf16 support. In an interleaved A/B at batch 16 on SmolLM2's shapes (2-core
+    AMD EPYC, one thread) F.linear took 1.3-1.7x the packed time in bf16 (it reorders the weights every
+    call) and 2-5x in fp32, 4.7x on the 49152 x 576 lm_head: torch's fp32 F.linear goes to MKL sgemm,
+    whose small-batch path reads the weights at < 1 GB/s on this AMD CPU (the fp32 slowness of issue 14)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
 class ModelRunner:
     """Holds the weights and the KV pool; runs one batched forward per engine step."""
 
@@ -43,10 +59,35 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device)
         self.backend = choose_backend(attention_backend, device, block_size, dtype)
+        self.pack = mkldnn_packing_helps(device, dtype)
+        self._pack_weights()
+        # "cpp" decode steps: KV blocks read per layer and KV head (K and V each), and reads saved by reading
+        # shared prefix blocks once (bench/stages/rollout.py turns them into bytes per step)
+        self.decode_steps = 0
+        self.decode_kv_blocks_read = 0
+        self.decode_kv_blocks_saved = 0
 
     def update_weights(self, model_or_state_dict: Any) -> None:
         """Copy new weight values in place (the KV pool is untouched)."""
         self.weights.load(state_dict_of(model_or_state_dict))
+        self._pack_weights()
+
+    def _pack_weights(self) -> None:
+        """oneDNN-packed copies of the matmul weights (when self.pack), refreshed after every load."""
+        self.packed: list[dict[str, torch.Tensor]] | None = None
+        self.packed_lm_head: torch.Tensor | None = None
+        if not self.pack:
+            return
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.packed = [{k: reorder(layer[k], None) for k in PACKED} for layer in self.weights.layers]
+        self.packed_lm_head = reorder(self.weights.lm_head, None)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                packed: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in] @ weight [out, in]^T + bias, through the packed copy when there is one."""
+        if packed is None:
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -58,15 +99,22 @@ class ModelRunner:
         x = w.embed[input_ids]
         for i, layer in enumerate(w.layers):
             k_cache, v_cache = self.kv.layer(i)
+            pk = self.packed[i] if self.packed is not None else dict.fromkeys(PACKED)
             h = rms_norm(x, layer["input_norm"], s.rms_norm_eps)
-            qkv = F.linear(h, layer["wqkv"], layer["bqkv"])
-            q = apply_rope(qkv[:, :q_size].view(-1, s.num_heads, s.head_dim), cos, sin)
-            k = apply_rope(qkv[:, q_size:q_size + kv_size].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            qkv = self._linear(h, layer["wqkv"], layer["bqkv"], pk["wqkv"])
+            # q and k rotated in one pass (half the per-layer op launches of two calls; the same elementwise math)
+            qk = apply_rope(qkv[:, :q_size + kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
+            q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
             v = qkv[:, q_size + kv_size:].reshape(-1, s.num_kv_heads, s.head_dim)
             o = paged_attention(self.backend, q, k, v, k_cache, v_cache, meta)
-            x = x + F.linear(o.reshape(-1, q_size), layer["wo"], layer["bo"])
+            x = x + self._linear(o.reshape(-1, q_size), layer["wo"], layer["bo"], pk["wo"])
             h = rms_norm(x, layer["post_norm"], s.rms_norm_eps)
-            gate, up = F.linear(h, layer["w_gate_up"], layer["b_gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["w_down"], layer["b_down"])
+            gate, up = self._linear(h, layer["w_gate_up"], layer["b_gate_up"], pk["w_gate_up"]).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, layer["w_down"], layer["b_down"], pk["w_down"])
+        if self.backend == "cpp" and not meta.is_prefill:
+            self.decode_steps += 1
+            self.decode_kv_blocks_read += meta.cpu_plan.blocks_read
+            private = sum(-(-c // self.kv.block_size) for c in meta.context_lens_list)
+            self.decode_kv_blocks_saved += private - meta.cpu_plan.blocks_read
         x = rms_norm(x[logits_index], w.final_norm, s.rms_norm_eps)
-        return F.linear(x, w.lm_head).float()
+        return self._linear(x, w.lm_head, None, self.packed_lm_head).float()

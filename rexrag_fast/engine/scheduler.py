@@ -51,6 +51,8 @@ class Scheduler:
             if len(self.running) + partial >= self.max_num_seqs:
                 break
             seq = self.waiting[0]
+            if batch and not seq.block_table and self._waits_for_shared_prefix(seq, batch):
+                break  # admitted next step, when the batch's blocks of their common prefix are cached
             if not seq.block_table:
                 if not self.blocks.admit(seq):
                     break
@@ -66,6 +68,19 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 self.running.append(seq)
         return batch
+
+    def _waits_for_shared_prefix(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        """True when a sequence of this prefill batch computes a full block of seq's prompt prefix that is not
+        cached yet: one step later (after BlockManager.publish) seq reuses it instead of computing a copy."""
+        if not self.blocks.enable_prefix_caching:
+            return False
+        bs = self.blocks.block_size
+        cached = self.blocks.cached_prefix_blocks(seq)
+        for other in batch:
+            n = bs * (cached + 1)
+            if len(other) >= n and other.token_ids[:n] == seq.token_ids[:n] and len(seq) > n:
+                return True
+        return False
 
     def _schedule_decode(self) -> list[Sequence]:
         batch: list[Sequence] = []
