@@ -130,6 +130,8 @@ class ActorConfig:
     shuffle: bool = False
     use_fused_kernels: bool = True  # False: the eager PyTorch log-prob and loss path, for comparison
     ref_placement: Literal["none", "cpu", "deepspeed"] = "deepspeed"  # the frozen KL reference model
+    # Prefix-tree packs for the log-prob and update passes (train/packing.py); auto: when they save >= 20% of tokens
+    tree_packing: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
