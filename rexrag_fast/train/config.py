@@ -189,7 +189,8 @@ class ConfigError(ValueError):
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader whose floats follow YAML 1.2: `1e-6` and `5E3` are floats, not strings."""
+    """SafeLoader whose floats and booleans follow YAML 1.2: `1e-6` and `5E3` are floats, not strings; only
+    true/false are booleans (`on`, `off`, `yes`, `no` stay strings: actor.tree_packing takes on/off/auto)."""
 
 
 _FLOAT_RE = re.compile(
@@ -201,10 +202,12 @@ _FLOAT_RE = re.compile(
     re.X,
 )
 _Yaml12Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
 
 
 def parse_yaml(text: str) -> Any:

@@ -93,6 +93,15 @@ def load_train_examples(cfg: Config) -> list[Any]:
     return examples
 
 
+def tree_packing_enabled(mode: str, token_ids: Sequence[Sequence[int]], max_tokens: int) -> bool:
+    """actor.tree_packing: 'on', 'off', or 'auto' = when tree packs of these sequences under the micro-batch
+    budget save at least TREE_PACKING_MIN_SHARING of their tokens. Decided per rank and pass: results are the
+    same either way (up to float summation order), only the work differs."""
+    if mode == "auto":
+        return tree_sharing(token_ids, max_tokens) >= TREE_PACKING_MIN_SHARING
+    return mode == "on"
+
+
 class RLTrainer:
     """The whole run on one rank: construct on every rank, then `train()`.
 
@@ -225,12 +234,8 @@ class RLTrainer:
                                  group_ids=batch.group_ids, tree=self.use_tree_packing(token_ids))
 
     def use_tree_packing(self, token_ids: Sequence[Sequence[int]]) -> bool:
-        """actor.tree_packing: on, off, or auto = when tree packs of these sequences save at least
-        TREE_PACKING_MIN_SHARING of their tokens (decided per rank and pass; results are the same either way)."""
-        mode = self.cfg.actor.tree_packing
-        if mode == "auto":
-            return tree_sharing(token_ids, self.cfg.actor.max_tokens_per_micro_batch) >= TREE_PACKING_MIN_SHARING
-        return mode == "on"
+        """Whether this pass over `token_ids` uses tree packs (`tree_packing_enabled` of actor.tree_packing)."""
+        return tree_packing_enabled(self.cfg.actor.tree_packing, token_ids, self.cfg.actor.max_tokens_per_micro_batch)
 
     def sync_weights(self) -> None:
         """Gathered ZeRO-3 weights into the rollout engine (collective)."""
