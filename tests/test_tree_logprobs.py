@@ -74,7 +74,8 @@ def test_shared_node_gives_each_child_its_own_logprob() -> None:
     assert per_token[3] != per_token[7]
 
 
-def _loss_and_grads(model: torch.nn.Module, batch, inputs, fused: bool) -> tuple[torch.Tensor, dict]:
+def _loss_and_grads(model: torch.nn.Module, batch, inputs, fused: bool, backend: str = "torch"
+                    ) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
     policy = PolicyLogprobs(model, fused=fused, compute_entropy=True)
     lp, ent = policy(*inputs)
@@ -83,7 +84,7 @@ def _loss_and_grads(model: torch.nn.Module, batch, inputs, fused: bool) -> tuple
                                 cu_seqlens=batch.cu_seqlens, probe_logprobs=t["probe_logprobs"], alpha=0.3,
                                 ref_logprobs=t["ref_logprobs"], kl_coef=0.1, kl_type="low_var_kl",
                                 clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
-                                loss_agg_mode="token-mean", backend="torch")
+                                loss_agg_mode="token-mean", backend=backend)
     loss = loss - 0.01 * (ent * t["response_mask"]).sum() / t["response_mask"].sum()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -112,3 +113,48 @@ def test_loss_gradients_equal_flat(fused: bool, seed: int) -> None:
     assert g_flat.keys() == g_tree.keys() and len(g_flat) > 0
     for name in g_flat:
         assert_close(g_tree[name], g_flat[name], torch.float32, atol=1e-5, rtol=1e-4, name=name)
+
+
+
+def test_flex_tree_attention_equals_flat() -> None:
+    """TREE_ATTENTION (what the actor uses on CUDA): flat packs exactly as sdpa, tree packs through a
+    FlexAttention BlockMask with the flat pass's log-probs (FlexAttention has no backward on the CPU)."""
+    from rexrag_fast.ops.tree_logprobs import TREE_ATTENTION, enable_flex_tree_attention
+
+    model = _model("sdpa")
+    seqs = _sequences(4)
+    batch = pack_tree(seqs)
+    policy = PolicyLogprobs(model, fused=True, compute_entropy=True)
+    with torch.no_grad():
+        lp_sdpa, _ = policy(batch.input_ids, batch.position_ids, batch.cu_seqlens)
+        enable_flex_tree_attention(model)
+        assert model.config._attn_implementation == TREE_ATTENTION
+        lp_flat, ent_flat = policy(batch.input_ids, batch.position_ids, batch.cu_seqlens)
+        lp_tree, ent_tree = policy(*forward_inputs(batch))
+    assert torch.equal(lp_flat, lp_sdpa)
+    assert_close(lp_tree, lp_flat, torch.float32, atol=1e-5, rtol=1e-5, name="logprobs")
+    assert_close(ent_tree, ent_flat, torch.float32, atol=1e-5, rtol=1e-5, name="entropy")
+
+
+@pytest.mark.gpu
+def test_flex_tree_gradients_equal_flat_on_cuda() -> None:
+    from rexrag_fast.ops.tree_logprobs import enable_flex_tree_attention
+
+    model = _model("sdpa").cuda().train()
+    enable_flex_tree_attention(model)
+    seqs = _sequences(5)
+    gen = torch.Generator().manual_seed(5)
+    per_token = {
+        "response_mask": [torch.rand(len(s), generator=gen) < 0.6 for s in seqs],
+        "old_logprobs": [-torch.rand(len(s), generator=gen) * 5 for s in seqs],
+        "ref_logprobs": [-torch.rand(len(s), generator=gen) * 5 for s in seqs],
+        "probe_logprobs": [torch.full((len(s),), -torch.inf) for s in seqs],
+        "advantages": [torch.full((len(s),), float(torch.randn(1, generator=gen))) for s in seqs],
+    }
+    batch = pack_tree(seqs, per_token).to("cuda")
+    flat = pack_sequences(seqs, per_token).to("cuda")
+    loss_flat, g_flat = _loss_and_grads(model, flat, forward_inputs(flat), True, backend="auto")
+    loss_tree, g_tree = _loss_and_grads(model, batch, forward_inputs(batch), True, backend="auto")
+    assert_close(loss_tree, loss_flat, torch.float32, atol=1e-5, rtol=1e-4, name="loss")
+    for name in g_flat:
+        assert_close(g_tree[name], g_flat[name], torch.float32, atol=1e-4, rtol=1e-3, name=name)

@@ -10,7 +10,9 @@ gives every node exactly the hidden state it has in each flat sequence through i
 positions, same causal mask), so only attention and positions change. transformers (>= 4.53, 5.x) passes a
 4-D mask through untouched (`masking_utils._preprocess_mask_arguments`): a bool [1, 1, N, N] mask for sdpa,
 an additive float one for eager, and a FlexAttention BlockMask (O(N) memory, block-sparse) when the model
-runs attn_implementation="flex_attention". The dense masks hold N^2 entries: fine for CPU-sized packs.
+runs attn_implementation="flex_attention" or TREE_ATTENTION. The dense masks hold N^2 entries: fine for
+CPU-sized packs. TREE_ATTENTION (`enable_flex_tree_attention`, what the actor uses on CUDA) is sdpa for
+everything a BlockMask is not, so flat packs run exactly as under sdpa and tree packs get FlexAttention.
 
 The next-token convention follows the tree: a node's log-prob is that of its token given its parent's hidden
 state, log p(x_i | ancestors of i) = linear_logprobs(h[parent(i)], x_i). A shared node with several children
@@ -28,6 +30,31 @@ from rexrag_fast.ops._checks import check_tensor
 from rexrag_fast.ops.causal_lm import head_logprobs, split_causal_lm
 
 MASK_KINDS = ("auto", "sdpa", "eager", "flex")
+TREE_ATTENTION = "rexrag_tree_flex"  # a transformers attention implementation: sdpa, or flex for a BlockMask
+
+
+def _sdpa_or_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    impl = flex_attention_forward if isinstance(attention_mask, BlockMask) else sdpa_attention_forward
+    return impl(module, query, key, value, attention_mask, **kwargs)
+
+
+def enable_flex_tree_attention(model: torch.nn.Module) -> None:
+    """Switch an sdpa transformers model to TREE_ATTENTION: flat packs keep sdpa (and transformers' sdpa masks),
+    tree packs get a FlexAttention BlockMask instead of a dense [N, N] one. Other implementations are left
+    as they are (eager and flex_attention already take tree masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(TREE_ATTENTION, _sdpa_or_flex_attention)
+    AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(TREE_ATTENTION)
 
 
 def tree_attention_mask(subtree_end: torch.Tensor) -> torch.Tensor:
@@ -53,7 +80,7 @@ def tree_block_mask(subtree_end: torch.Tensor) -> Any:
 def _model_mask(model: torch.nn.Module, subtree_end: torch.Tensor, kind: str, dtype: torch.dtype) -> Any:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
     if kind == "auto":
-        kind = {"sdpa": "sdpa", "eager": "eager", "flex_attention": "flex"}.get(impl, "")
+        kind = {"sdpa": "sdpa", "eager": "eager", "flex_attention": "flex", TREE_ATTENTION: "flex"}.get(impl, "")
         if not kind:
             raise ValueError(
                 f"model: attn_implementation {impl!r} takes no custom attention mask; tree packing needs "

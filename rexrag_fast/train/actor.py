@@ -78,12 +78,17 @@ class PolicyLogprobs(nn.Module):
     Tree pack: forward(tree input_ids [N], depths [N], cu_seqlens [B+1], parent [N], subtree_end [N],
     token_node [T]) -> the same [T] outputs (`forward_inputs(batch)` builds either argument list).
     The lm-head weight is registered as an external parameter so ZeRO-3 gathers it for the fused op,
-    which reads it outside the lm-head module.
+    which reads it outside the lm-head module. flex_trees: tree packs through FlexAttention (an O(N) block
+    mask) instead of a dense [N, N] mask (`ops.tree_logprobs.enable_flex_tree_attention`; used on CUDA).
     """
 
-    def __init__(self, model: nn.Module, *, fused: bool, temperature: float = 1.0, compute_entropy: bool = False
-                 ) -> None:
+    def __init__(self, model: nn.Module, *, fused: bool, temperature: float = 1.0, compute_entropy: bool = False,
+                 flex_trees: bool = False) -> None:
         super().__init__()
+        if flex_trees:
+            from rexrag_fast.ops.tree_logprobs import enable_flex_tree_attention
+
+            enable_flex_tree_attention(model)
         self.model = model
         self.fused = fused
         self.temperature = float(temperature)
@@ -203,7 +208,8 @@ class ZeroActor:
         if hasattr(model, "config"):
             model.config.use_cache = False
         self.module = PolicyLogprobs(model, fused=cfg.actor.use_fused_kernels,
-                                     temperature=cfg.rollout.temperature, compute_entropy=compute_entropy)
+                                     temperature=cfg.rollout.temperature, compute_entropy=compute_entropy,
+                                     flex_trees=self.device.type == "cuda" and cfg.actor.tree_packing != "off")
         self.ds_config = build_deepspeed_config(cfg, self.device)
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.actor.lr, betas=tuple(cfg.actor.betas),
@@ -362,11 +368,12 @@ class ReferencePolicy:
         placement = cfg.actor.ref_placement
         if placement == "none":
             raise ValueError("actor.ref_placement is 'none': no reference model is configured")
-        self.device = device or dist_utils.default_device()
+        self.device = torch.device("cpu") if placement == "cpu" else device or dist_utils.default_device()
         for p in model.parameters():
             p.requires_grad_(False)
         self.module = PolicyLogprobs(model.eval(), fused=cfg.actor.use_fused_kernels,
-                                     temperature=cfg.rollout.temperature, compute_entropy=False)
+                                     temperature=cfg.rollout.temperature, compute_entropy=False,
+                                     flex_trees=self.device.type == "cuda" and cfg.actor.tree_packing != "off")
         self.engine: Any
         if placement == "cpu":
             self.device = torch.device("cpu")
