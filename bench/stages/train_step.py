@@ -54,7 +54,8 @@ PRESETS = {
 }
 COMMON = ["trainer.seed=3", "actor.lr=1e-5", "trainer.tensorboard=false", "trainer.progress_bar=false",
           "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=0.5",
-          "deepspeed.gradient_checkpointing=false", "actor.ref_placement=cpu"]
+          "deepspeed.gradient_checkpointing=false", "actor.ref_placement=cpu",
+          "actor.tree_packing=off"]  # fused vs eager on flat packs; the tree rows set it per trainer
 
 # Tree-packing rows: groups of 4 (Search-R1 uses 5), every probe kept.
 TREE = ["rollout.n_agent=4", "algorithm.rexrag.keep_ratio=1.0"]
