@@ -26,6 +26,13 @@ gradient checkpointing, reference model on the ZeRO-3 engine. The two trainers a
 after the other, so that only one 3B model with its optimizer state is on the GPU at a time. Every learn row
 carries its roofline: the FLOPs of the learning part counted as 2 N per token for each forward (old and
 reference log-probs, recomputation under checkpointing) and 4 N for each backward, N = parameters.
+
+Tree packing rows (`_measure_tree`): the same learning part with actor.tree_packing on vs off (fused kernels
+both), in the same run, on two batches per model: "GRPO groups" = a real rollout of n_agent = 4 trajectories
+per question (shared prompts only), and "REX-RAG probes" = per question one right and three wrong answered
+originals (an untrained model never answers; as tests/dist_scripts/trainer_rexrag_step.py) whose dead ends
+the REX-RAG stage forks into probes on the engine (each probe repeats its source up to the cut answer). Each
+row names the batch's sharing = 1 - tokens the update's forwards ran over / the flat tokens.
 """
 
 from __future__ import annotations
@@ -62,7 +69,13 @@ PRESETS = {
 SHAPED_MODELS = {"qwen2.5-3b": QWEN25_3B}
 COMMON = ["trainer.seed=3", "actor.lr=1e-5", "trainer.tensorboard=false", "trainer.progress_bar=false",
           "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=0.5",
-          "deepspeed.gradient_checkpointing=false", "actor.ref_placement=cpu"]
+          "deepspeed.gradient_checkpointing=false", "actor.ref_placement=cpu",
+          "actor.tree_packing=off"]  # fused vs eager on flat packs; the tree rows set it per trainer
+
+# Tree-packing rows: groups of 4 (Search-R1 uses 5), every probe kept.
+TREE = ["rollout.n_agent=4", "algorithm.rexrag.keep_ratio=1.0"]
+ANSWER_TURN = "<think> I remember this one. </think>\n<answer> {} </answer>"
+WRONG_ANSWER = "Nobody In Particular"
 
 
 def _clone_batch(batch):
@@ -86,7 +99,10 @@ def run(preset: str, progress: Progress) -> list[Row]:
     du.init_distributed()
     try:
         for overrides in PRESETS[preset][:1] if quick() else PRESETS[preset]:
-            rows += _measure(COMMON + overrides, SHAPED_MODELS.get(preset), progress)
+            arch = SHAPED_MODELS.get(preset)
+            rows += _measure(COMMON + overrides, arch, progress)
+            if arch is None and not quick():  # tree vs flat packs: the embedded-world models
+                rows += _measure_tree(overrides + COMMON + TREE, progress)
     finally:
         du.destroy_process_group()
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -200,3 +216,103 @@ def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> lis
         Row("train_step", f"memory ratio ({model_name})", peak["fused"] / peak["eager"], "fused / eager peak", None, "",
             config),
     ]
+
+
+def _answered_batch(trainer, step: int):
+    """This rank's questions, each answered once right and n_agent - 1 times wrong, with the REX-RAG stage's
+    probes forked from the wrong ones (dead ends) and run on the engine."""
+    from rexrag_fast.agent.trajectory import Component, Trajectory
+    from rexrag_fast.train.metrics import StepMetrics
+    from rexrag_fast.train.step_batch import StepBatch
+
+    prompts, golds, groups = trainer.rollouts.local_questions(trainer.state.data_position)
+    trajs, t_golds, t_groups = [], [], []
+    for prompt, gold, group in zip(prompts, golds, groups):
+        for k in range(trainer.cfg.rollout.n_agent):
+            answer = gold[0] if k == 0 else WRONG_ANSWER
+            t = Trajectory.from_prompt(prompt)
+            ids = trainer.tokenizer.encode(ANSWER_TURN.format(answer), add_special_tokens=False)
+            t.append(ids, Component.RESPONSE, [-1.0] * len(ids))
+            t.close_turn("answer", answer, "stop")
+            t.answer, t.status = answer, "answer"
+            trajs.append(t)
+            t_golds.append(gold)
+            t_groups.append(group)
+    batch = StepBatch.originals(trajs, t_golds, t_groups)
+    trainer.exploration.explore(batch, step, StepMetrics())
+    return batch
+
+
+def _learn_twice(trainer, batch, cuda: bool):
+    """(peak bytes of an untimed learn, seconds of a timed learn from the same state, the timed metrics)."""
+    from rexrag_fast.train.metrics import StepMetrics
+
+    state = copy.deepcopy(trainer.state)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer.learn(_clone_batch(batch), StepMetrics())
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        with TensorMemoryTracker() as tracker:
+            trainer.learn(_clone_batch(batch), StepMetrics())
+        peak = tracker.peak_bytes
+    trainer.state = state
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    metrics = trainer.learn(_clone_batch(batch), StepMetrics())
+    if cuda:
+        torch.cuda.synchronize()
+    return peak, time.perf_counter() - t0, metrics
+
+
+def _measure_tree(overrides: list[str], progress: Progress) -> list[Row]:
+    """Rows for one model: the learning part with tree packs vs flat packs on a GRPO and a REX-RAG batch."""
+    from rexrag_fast.train.config import load_config
+    from rexrag_fast.train.metrics import StepMetrics
+    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_policy, load_train_examples
+
+    base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
+                       overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step_tree"])
+    model, tokenizer = load_policy(base)
+    retriever = build_trainer_retriever(base)
+    examples = load_train_examples(base)
+    cuda = torch.cuda.is_available()
+    trainers = {}
+    for path in ("tree", "flat"):
+        cfg = copy.deepcopy(base)
+        cfg.actor.tree_packing = "on" if path == "tree" else "off"
+        trainers[path] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
+                                   examples=examples)
+    batches = {"GRPO groups": trainers["tree"].rollouts.run(1, 0, StepMetrics()),
+               "REX-RAG probes": _answered_batch(trainers["tree"], 1)}
+    model_name = {"tiny-qwen2": "tiny-qwen2, 49k vocab"}.get(base.model.path, base.model.path)
+    rows = []
+    for kind, batch in batches.items():
+        peak, seconds, metrics = {}, {}, {}
+        for path, trainer in trainers.items():
+            peak[path], seconds[path], metrics[path] = _learn_twice(trainer, batch, cuda)
+        train_tokens = metrics["flat"]["batch/train_tokens"]
+        processed = {p: metrics[p]["actor/update_processed_tokens"] for p in metrics}
+        sharing = 1 - processed["tree"] / processed["flat"]
+        probes = sum(batch.is_probe)
+        progress(f"{base.model.path}, {kind}: sharing {sharing:.0%}, learn tree {seconds['tree']:.2f}s vs flat "
+                 f"{seconds['flat']:.2f}s")
+        config = (f"{base.model.path}, {len(batch.trajs)} traj ({probes} probes), {int(train_tokens)} train tokens, "
+                  f"sharing {sharing:.1%}, budget {base.actor.max_tokens_per_micro_batch}, "
+                  f"{'cuda' if cuda else 'cpu'} 1 rank ZeRO-{base.deepspeed.zero_stage}")
+        learn = {p: train_tokens / seconds[p] for p in seconds}
+        extra = {"sharing": sharing, "learn_s_tree": seconds["tree"], "learn_s_flat": seconds["flat"],
+                 "loss_tree": metrics["tree"]["actor/loss"], "loss_flat": metrics["flat"]["actor/loss"]}
+        label = f"{model_name}, {kind}, sharing {sharing:.0%}"
+        rows += [
+            Row("train_step", f"learn, tree packs ({label})", learn["tree"], "train tokens/s", learn["flat"],
+                "flat packs", config, extra),
+            Row("train_step", f"update tokens processed, tree packs ({label})", processed["tree"], "tokens",
+                processed["flat"], "flat packs", config),
+            Row("train_step", f"peak memory of learn, tree packs ({label})", peak["tree"] / 2**20, "MiB",
+                peak["flat"] / 2**20, "flat packs", config),
+        ]
+    return rows

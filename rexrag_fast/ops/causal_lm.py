@@ -89,6 +89,15 @@ def causal_lm_logprobs(
         check_tensor("position_ids", position_ids, shape=(n_tokens,), dtypes=(torch.int64, torch.int32),
                      device=input_ids.device)
         position_ids = position_ids.long()
+    backbone, head = split_causal_lm(model)
+    out = backbone(input_ids=input_ids[None].long(), position_ids=position_ids[None], use_cache=False)
+    labels = _labels_from_positions(input_ids.long(), position_ids, IGNORE_INDEX)
+    return head_logprobs(out.last_hidden_state[0], head, labels, temperature=temperature,
+                         return_entropy=return_entropy, backend=backend, fused=fused)
+
+
+def split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """(backbone, lm head) of a transformers causal LM whose logits are exactly hidden @ head.weight.T + bias."""
     config = getattr(model, "config", None)
     for unsupported in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, unsupported, None) is not None:
@@ -103,11 +112,19 @@ def causal_lm_logprobs(
             f"model: expected a transformers causal LM with a backbone (`base_model_prefix`) and a Linear lm "
             f"head, got {type(model).__name__}"
         )
-    out = backbone(input_ids=input_ids[None].long(), position_ids=position_ids[None], use_cache=False)
-    hidden = out.last_hidden_state[0]
+    return backbone, head
+
+
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, temperature: float = 1.0,
+                  return_entropy: bool = False, backend: str = "auto", fused: bool = True
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(labels[r] | hidden[r]) under the lm head (and the entropy of each row's distribution).
+
+    hidden [R, H], labels [R] (IGNORE_INDEX rows give 0) -> [R] fp32 (, [R] fp32). fused: `linear_logprobs`,
+    else the materialised fp32 [R, V] logits (`linear_logprobs_reference`).
+    """
     if hidden.dtype != head.weight.dtype:
         hidden = hidden.to(head.weight.dtype)
-    labels = _labels_from_positions(input_ids.long(), position_ids, IGNORE_INDEX)
     if not fused:
         return linear_logprobs_reference(hidden.float(), head.weight.float(), labels, temperature=temperature,
                                          return_entropy=return_entropy,

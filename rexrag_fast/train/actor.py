@@ -22,6 +22,10 @@ Log-probs use the causal-LM convention of the packed layout: logprobs[t] = log p
 sequence) / temperature-scaled as in the rollout, 0 at the first token of every sequence (nothing predicts
 it, and it is a prompt token, so the response mask is 0 there). `use_fused_kernels` selects
 `rexrag_fast.ops.linear_logprobs` (no [T, V] logits) or the eager path (materialised logits, log_softmax).
+A tree pack (`batch.tree`, packing.py) runs the model once over its tree nodes (`ops.tree_logprobs`: shared
+prefixes once, attention to ancestors) and expands the per-node results to the same flat [T] layout through
+tree.token_node, so the loss sees the same tensors; autograd's backward of that gather sums the flat
+gradients back onto the shared nodes.
 
 ZeRO-3 needs every rank to run the same number of forward/backward passes (parameters are gathered
 collectively), so micro-batch counts are equalised across ranks with zero-weight repeats.
@@ -50,6 +54,14 @@ LossFn = Callable[[torch.Tensor, "torch.Tensor | None", PackedBatch], "tuple[tor
 # ------------------------------------------------------------------------------------------ log-probs
 
 
+def forward_inputs(batch: PackedBatch) -> tuple[torch.Tensor, ...]:
+    """The positional arguments of `PolicyLogprobs.forward` for a flat or a tree pack."""
+    if batch.tree is None:
+        return batch.input_ids, batch.position_ids, batch.cu_seqlens
+    t = batch.tree
+    return t.input_ids, t.position_ids, batch.cu_seqlens, t.parent, t.subtree_end, t.token_node
+
+
 def shift_to_tokens(per_position: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Move values computed at position t for token t+1 onto token t+1; 0 at every sequence start. [T] -> [T]."""
     out = torch.zeros_like(per_position)
@@ -64,13 +76,20 @@ class PolicyLogprobs(nn.Module):
     forward(input_ids [T], position_ids [T], cu_seqlens [B+1]) -> (logprobs [T] fp32, entropy [T] fp32 | None).
     Sequences are kept apart by the restarting position_ids (transformers builds a block-diagonal causal
     mask from them when no attention mask is given; flash-attention uses them as varlen boundaries).
+    Tree pack: forward(tree input_ids [N], depths [N], cu_seqlens [B+1], parent [N], subtree_end [N],
+    token_node [T]) -> the same [T] outputs (`forward_inputs(batch)` builds either argument list).
     The lm-head weight is registered as an external parameter so ZeRO-3 gathers it for the fused op,
-    which reads it outside the lm-head module.
+    which reads it outside the lm-head module. flex_trees: tree packs through FlexAttention (an O(N) block
+    mask) instead of a dense [N, N] mask (`ops.tree_logprobs.enable_flex_tree_attention`; used on CUDA).
     """
 
-    def __init__(self, model: nn.Module, *, fused: bool, temperature: float = 1.0, compute_entropy: bool = False
-                 ) -> None:
+    def __init__(self, model: nn.Module, *, fused: bool, temperature: float = 1.0, compute_entropy: bool = False,
+                 flex_trees: bool = False) -> None:
         super().__init__()
+        if flex_trees:
+            from rexrag_fast.ops.tree_logprobs import enable_flex_tree_attention
+
+            enable_flex_tree_attention(model)
         self.model = model
         self.fused = fused
         self.temperature = float(temperature)
@@ -87,10 +106,17 @@ class PolicyLogprobs(nn.Module):
                 register_external_parameter(self, weight)
             self._external_registered = True
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                parent: torch.Tensor | None = None, subtree_end: torch.Tensor | None = None,
+                token_node: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         from rexrag_fast.ops.causal_lm import causal_lm_logprobs
+        from rexrag_fast.ops.tree_logprobs import tree_logprobs
 
+        if token_node is not None:
+            out = tree_logprobs(self.model, input_ids, position_ids, parent, subtree_end,
+                                temperature=self.temperature, return_entropy=self.compute_entropy, fused=self.fused)
+            lp, ent = out if self.compute_entropy else (out, None)
+            return lp[token_node], ent[token_node] if ent is not None else None
         out = causal_lm_logprobs(self.model, input_ids, position_ids=position_ids, temperature=self.temperature,
                                  return_entropy=self.compute_entropy, fused=self.fused)
         lp, ent = out if self.compute_entropy else (out, None)
@@ -183,7 +209,8 @@ class ZeroActor:
         if hasattr(model, "config"):
             model.config.use_cache = False
         self.module = PolicyLogprobs(model, fused=cfg.actor.use_fused_kernels,
-                                     temperature=cfg.rollout.temperature, compute_entropy=compute_entropy)
+                                     temperature=cfg.rollout.temperature, compute_entropy=compute_entropy,
+                                     flex_trees=self.device.type == "cuda" and cfg.actor.tree_packing != "off")
         self.ds_config = build_deepspeed_config(cfg, self.device)
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.actor.lr, betas=tuple(cfg.actor.betas),
@@ -198,8 +225,7 @@ class ZeroActor:
     # -------------------------------------------------------------------------------------- forward
 
     def _forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b = batch.to(self.device)
-        return self.engine(b.input_ids, b.position_ids, b.cu_seqlens)
+        return self.engine(*forward_inputs(batch.to(self.device)))
 
     @torch.no_grad()
     def compute_logprobs(self, batches: Sequence[PackedBatch]) -> list[torch.Tensor]:
@@ -236,7 +262,8 @@ class ZeroActor:
         loss_fn: this step's loss (e.g. with this step's REX-RAG alpha); default the one given at construction.
         Returns metrics, the same on every rank: actor/loss, actor/<each loss metric>, actor/entropy (when
         computed), all averaged over micro-batches of all ranks and epochs with the loss weights; actor/grad_norm
-        (mean over optimizer steps), actor/lr, actor/update_tokens (all ranks, all epochs), and this rank's
+        (mean over optimizer steps), actor/lr, actor/update_tokens (flat tokens trained, all ranks, all epochs),
+        actor/update_processed_tokens (tokens the forwards ran over: fewer on tree packs), and this rank's
         throughput/update_tokens_per_s and memory/peak_bytes (CUDA max allocated, or peak RSS on the CPU).
         """
         loss_fn = loss_fn or self.loss_fn
@@ -252,7 +279,7 @@ class ZeroActor:
         sums: dict[str, float] = {}
         weight_seen = 0.0
         grad_norms: list[float] = []
-        tokens = 0
+        tokens = processed = 0
         t0 = time.perf_counter()
         for epoch in range(self.cfg.actor.ppo_epochs):
             for mini_index, mini in enumerate(mini_batches):
@@ -270,6 +297,7 @@ class ZeroActor:
                     self.engine.backward(loss * scale, scale_wrt_gas=False)
                     if counts and w > 0:
                         tokens += mb.num_tokens
+                        processed += mb.processed_tokens
                         weight_seen += w
                         sums["actor/loss"] = sums.get("actor/loss", 0.0) + _to_float(loss) * w
                         for k, v in metrics.items():
@@ -299,8 +327,8 @@ class ZeroActor:
         # Metrics are weighted means over every rank's micro-batches (the same weights as the loss), so every
         # rank reports the global value. Keys are the same on all ranks (same loss_fn, same entropy setting).
         keys = sorted(sums)
-        totals = dist_utils.all_reduce_floats([sums[k] for k in keys] + [weight_seen, float(tokens)])
-        weight_seen, tokens_all = totals[-2], totals[-1]
+        totals = dist_utils.all_reduce_floats([sums[k] for k in keys] + [weight_seen, float(tokens), float(processed)])
+        weight_seen, tokens_all, processed_all = totals[-3], totals[-2], totals[-1]
         out = {k: v / weight_seen for k, v in zip(keys, totals)} if weight_seen > 0 else {}
         if grad_norms:
             out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -308,6 +336,7 @@ class ZeroActor:
         out["actor/optimizer_steps"] = float(self.cfg.actor.ppo_epochs * n_mini)
         elapsed = time.perf_counter() - t0
         out["actor/update_tokens"] = tokens_all
+        out["actor/update_processed_tokens"] = processed_all
         out["throughput/update_tokens_per_s"] = tokens / elapsed if elapsed > 0 else math.nan  # this rank
         out["memory/peak_bytes"] = float(peak_memory_bytes(self.device))  # this rank
         out.update(self.finite_guard.metrics())
@@ -351,11 +380,12 @@ class ReferencePolicy:
         placement = cfg.actor.ref_placement
         if placement == "none":
             raise ValueError("actor.ref_placement is 'none': no reference model is configured")
-        self.device = device or dist_utils.default_device()
+        self.device = torch.device("cpu") if placement == "cpu" else device or dist_utils.default_device()
         for p in model.parameters():
             p.requires_grad_(False)
         self.module = PolicyLogprobs(model.eval(), fused=cfg.actor.use_fused_kernels,
-                                     temperature=cfg.rollout.temperature, compute_entropy=False)
+                                     temperature=cfg.rollout.temperature, compute_entropy=False,
+                                     flex_trees=self.device.type == "cuda" and cfg.actor.tree_packing != "off")
         self.engine: Any
         if placement == "cpu":
             self.device = torch.device("cpu")
@@ -378,8 +408,7 @@ class ReferencePolicy:
             [(b, True) for b in batches]
         out = []
         for b, counts in plan:
-            d = b.to(self.device)
-            lp = self.engine(d.input_ids, d.position_ids, d.cu_seqlens)[0].float().cpu()
+            lp = self.engine(*forward_inputs(b.to(self.device)))[0].float().cpu()
             if counts:
                 out.append(lp)
         return out

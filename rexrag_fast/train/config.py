@@ -140,6 +140,8 @@ class ActorConfig:
     use_fused_kernels: bool = True  # False: the eager PyTorch log-prob and loss path, for comparison
     ref_placement: Literal["none", "cpu", "deepspeed"] = "deepspeed"  # the frozen KL reference model
     max_nonfinite_updates: int = 3  # a non-finite loss or gradient skips the update; this many in a row stop the run
+    # Prefix-tree packs for the log-prob and update passes (train/packing.py); auto: when they save >= 20% of tokens
+    tree_packing: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -207,7 +209,8 @@ QA_SUFFIXES = (".parquet", ".jsonl", ".json")  # what rexrag_fast.data.datasets.
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader whose floats follow YAML 1.2: `1e-6` and `5E3` are floats, not strings."""
+    """SafeLoader whose floats and booleans follow YAML 1.2: `1e-6` and `5E3` are floats, not strings; only
+    true/false are booleans (`on`, `off`, `yes`, `no` stay strings: actor.tree_packing takes on/off/auto)."""
 
 
 _FLOAT_RE = re.compile(
@@ -219,10 +222,12 @@ _FLOAT_RE = re.compile(
     re.X,
 )
 _Yaml12Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
 
 
 def _expanded_size(root: yaml.Node) -> int:

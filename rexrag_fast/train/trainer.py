@@ -40,7 +40,14 @@ from rexrag_fast.train import distributed as du
 from rexrag_fast.train.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
 from rexrag_fast.train.config import Config, config_to_dict, save_config
 from rexrag_fast.train.metrics import MetricsLogger, StepMetrics, peak_memory_bytes, summarize_step
-from rexrag_fast.train.packing import PackedBatch, pack_micro_batches, plan_mini_batches, scatter_back
+from rexrag_fast.train.packing import (
+    PackedBatch,
+    pack_micro_batches,
+    pack_tree_micro_batches,
+    plan_mini_batches,
+    scatter_back,
+    tree_sharing,
+)
 from rexrag_fast.train.rexrag_stage import build_exploration
 from rexrag_fast.train.rollout import Rollouts, build_engine
 from rexrag_fast.train.signals import GracefulStop
@@ -49,6 +56,8 @@ from rexrag_fast.train.step_batch import StepBatch
 CHECKPOINT_SUBDIR = "checkpoints"
 FINAL_MODEL_SUBDIR = "final"
 RESOLVED_CONFIG = "config.yaml"
+# actor.tree_packing=auto packs prefix trees when they save at least this share of the flat tokens.
+TREE_PACKING_MIN_SHARING = 0.2
 
 
 def load_policy(cfg: Config) -> tuple[torch.nn.Module, Any]:
@@ -82,6 +91,15 @@ def load_train_examples(cfg: Config) -> list[Any]:
     if not examples:
         raise ValueError(f"data.train_files: no examples in {cfg.data.train_files or 'the embedded world'}")
     return examples
+
+
+def tree_packing_enabled(mode: str, token_ids: Sequence[Sequence[int]], max_tokens: int) -> bool:
+    """actor.tree_packing: 'on', 'off', or 'auto' = when tree packs of these sequences under the micro-batch
+    budget save at least TREE_PACKING_MIN_SHARING of their tokens. Decided per rank and pass: results are the
+    same either way (up to float summation order), only the work differs."""
+    if mode == "auto":
+        return tree_sharing(token_ids, max_tokens) >= TREE_PACKING_MIN_SHARING
+    return mode == "on"
 
 
 class RLTrainer:
@@ -186,7 +204,10 @@ class RLTrainer:
 
     def _logprobs(self, policy: Any, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
         """Per-token log-probs [L_i] of each trajectory under `policy` (actor or reference), collective."""
-        mbs = pack_micro_batches([t.token_ids for t in trajs], self.cfg.actor.max_tokens_per_micro_batch)
+        token_ids = [t.token_ids for t in trajs]
+        budget = self.cfg.actor.max_tokens_per_micro_batch
+        mbs = pack_tree_micro_batches(token_ids, budget) if self.use_tree_packing(token_ids) else \
+            pack_micro_batches(token_ids, budget)
         return scatter_back(mbs, policy.compute_logprobs(mbs), len(trajs))
 
     def mini_batches(self, batch: StepBatch) -> list[list[PackedBatch]]:
@@ -206,10 +227,15 @@ class RLTrainer:
             per_token["ref_logprobs"] = batch.ref_logprobs
         if batch.probe_logprobs is not None:
             per_token["probe_logprobs"] = batch.probe_logprobs
-        return plan_mini_batches([t.token_ids for t in batch.trajs], self.num_mini_batches,
+        token_ids = [t.token_ids for t in batch.trajs]
+        return plan_mini_batches(token_ids, self.num_mini_batches,
                                  self.cfg.actor.max_tokens_per_micro_batch, per_token,
                                  {"rewards": rewards, "group_ids": torch.tensor(batch.group_ids)},
-                                 group_ids=batch.group_ids)
+                                 group_ids=batch.group_ids, tree=self.use_tree_packing(token_ids))
+
+    def use_tree_packing(self, token_ids: Sequence[Sequence[int]]) -> bool:
+        """Whether this pass over `token_ids` uses tree packs (`tree_packing_enabled` of actor.tree_packing)."""
+        return tree_packing_enabled(self.cfg.actor.tree_packing, token_ids, self.cfg.actor.max_tokens_per_micro_batch)
 
     def sync_weights(self) -> None:
         """Gathered ZeRO-3 weights into the rollout engine (collective)."""

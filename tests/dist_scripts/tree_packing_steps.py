@@ -1,0 +1,93 @@
+"""Two REX-RAG steps learned with actor.tree_packing on and off, launched by tests/test_tree_trainer.py:
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 tests/dist_scripts/tree_packing_steps.py --out DIR
+
+Two RLTrainers (ZeRO-3, same initial weights) differ only in actor.tree_packing. Each step, this rank's
+questions get one right and one wrong answered original (a random tiny model never answers by itself, as in
+trainer_rexrag_step.py); the tree trainer's REX-RAG stage forks probes from the dead ends on its engine (real
+retriever), and both trainers learn the SAME batch (old and reference log-probs, filter, correction, update,
+weight sync). Before the first update both actors compute the batch's per-trajectory log-probs, tree-packed
+and flat. Rank 0 writes DIR/result.json: both trainers' metrics per step, the log-prob difference, the
+batch's sharing and the largest weight difference after the two steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+from rexrag_fast.train import distributed as du
+from rexrag_fast.train.config import load_config
+from rexrag_fast.train.metrics import StepMetrics
+from rexrag_fast.train.packing import tree_sharing
+from rexrag_fast.train.step_batch import StepBatch
+from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_policy, load_train_examples
+
+sys.path.insert(0, os.path.dirname(__file__))
+from trainer_rexrag_step import WRONG_ANSWER, answered  # noqa: E402
+
+
+def learn_copy(batch: StepBatch) -> StepBatch:
+    """A StepBatch of its own over the same (unmutated) trajectories: learn() fills and subsets the batch."""
+    return StepBatch(list(batch.trajs), list(batch.golds), list(batch.rewards), list(batch.group_ids),
+                     list(batch.is_probe))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"), [
+        "model.path=tiny-qwen2", f"trainer.output_dir={args.out}", "trainer.seed=5",
+        "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "rollout.n_agent=2", "rollout.max_turns=1",
+        "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
+        "actor.max_tokens_per_micro_batch=1024", "actor.lr=1e-3",
+        "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=1.0",
+        "trainer.tensorboard=false", "trainer.progress_bar=false",
+    ])
+    du.init_distributed()
+    model, tokenizer = load_policy(base)
+    retriever = build_trainer_retriever(base)
+    examples = load_train_examples(base)
+    trainers = {}
+    for mode in ("on", "off"):
+        cfg = copy.deepcopy(base)
+        cfg.actor.tree_packing = mode
+        trainers[mode] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
+                                   examples=examples)
+    steps, logprob_diff, sharing = [], None, None
+    for step in (1, 2):
+        lead = trainers["on"]
+        prompts, golds, groups = lead.rollouts.local_questions(lead.state.data_position)
+        trajs, t_golds, t_groups = [], [], []
+        for p, g, gid in zip(prompts, golds, groups):
+            for ans in (g[0], WRONG_ANSWER):
+                trajs.append(answered(p, ans, tokenizer))
+                t_golds.append(g)
+                t_groups.append(gid)
+        batch = StepBatch.originals(trajs, t_golds, t_groups)
+        rollout_m = StepMetrics()
+        lead.exploration.explore(batch, step, rollout_m)
+        if step == 1:
+            on = lead._logprobs(lead.actor, batch.trajs)
+            off = trainers["off"]._logprobs(trainers["off"].actor, batch.trajs)
+            logprob_diff = du.max_across_ranks(max(float((a - b).abs().max()) for a, b in zip(on, off)))
+            ids = [t.token_ids for t in batch.trajs]
+            sharing = du.gather_objects(tree_sharing(ids, base.actor.max_tokens_per_micro_batch))
+        steps.append({mode: t.learn(learn_copy(batch), rollout_m) for mode, t in trainers.items()})
+    weights = {mode: t.actor.gathered_state_dict() for mode, t in trainers.items()}
+    weight_diff = max(float((weights["on"][k] - weights["off"][k]).abs().max()) for k in weights["on"])
+    if du.is_main():
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump({"steps": steps, "logprob_diff": logprob_diff, "sharing": sharing,
+                       "weight_diff": weight_diff}, f, default=float)
+    du.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
