@@ -276,18 +276,26 @@ def find_latest_good(root: str | Path, report: Callable[[str], None] | None = No
 
 
 def load_checkpoint(
-    root: str | Path, engine: Any | None = None, *, load_optimizer_states: bool = True
+    root: str | Path, engine: Any | None = None, *, load_optimizer_states: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> LoadedCheckpoint | None:
     """Restore the newest good checkpoint under `root` on every rank: engine weights/optimizer/scheduler,
     this rank's RNG states, and the TrainerState returned. None when no good checkpoint exists.
 
+    checkpoint: load this step directory instead (trainer.resume_mode=<path>); ValueError naming what is
+    wrong with it when it is not a good checkpoint (no fallback: the user asked for that one).
     Rank 0 chooses the checkpoint and broadcasts it, so all ranks load the same one.
     """
     chosen: list[Any] = [None, []]
-    if dist_utils.get_rank() == 0:
+    if dist_utils.get_rank() == 0 and checkpoint is not None:
+        problems = verify_checkpoint(checkpoint)
+        chosen = [None, problems] if problems else [str(checkpoint), []]
+    elif dist_utils.get_rank() == 0:
         path, skipped = find_latest_good(root, report=log.warning)
         chosen = [None if path is None else str(path), skipped]
     chosen = dist_utils.broadcast_object(chosen)
+    if chosen[0] is None and checkpoint is not None:
+        raise ValueError(f"trainer.resume_mode: {checkpoint} is not a good checkpoint ({'; '.join(chosen[1])})")
     if chosen[0] is None:
         return None
     path = Path(chosen[0])
