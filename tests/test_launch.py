@@ -16,7 +16,7 @@ from rexrag_fast.cli import strip_launcher_args
 from rexrag_fast.train.distributed import scheduler_rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 300
+TIMEOUT_S = 600  # the first run builds DeepSpeed's CPU comm extension (minutes on a loaded machine)
 # One rank: init the process group as `rexrag-fast train` does, all-reduce its rank + 1, report.
 PROBE = """
 import json, os, torch, torch.distributed as dist

@@ -315,6 +315,11 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     return backward_score - backward_score.detach() + forward_score.detach()
 
 
+def _need_global_count(dp_size: int, name: str) -> None:
+    if dp_size > 1:
+        raise ValueError(f"{name}: the global count is required when dp_size > 1 (got dp_size={dp_size}), as verl")
+
+
 def agg_loss(
     loss_mat: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -333,13 +338,16 @@ def agg_loss(
                                   (default S + 1e-8)
         seq-mean-token-mean     : sum_{s: n_s>0} (sum_t m l) / (n_s + 1e-8) / G * dp_size
         seq-mean-token-sum-norm : sum_{s,t} m l / loss_scale_factor   (default: L = loss_mask.shape[-1])
-    batch_num_tokens / global_batch_size are the counts over the whole global batch (all ranks); with the
-    defaults (dp_size 1) the result is this micro-batch's own mean. The 1e-8 guards are verl's masked_mean;
+    batch_num_tokens / global_batch_size are the counts over the whole global batch (all ranks), required
+    when dp_size > 1 (ValueError otherwise, as verl); with the defaults the result is this batch's own mean.
+    seq-mean-token-sum-norm is verl <= 0.8's form (the fused op implements it); verl 0.9 also divides it by
+    the number of sequences. The 1e-8 guards are verl's masked_mean;
     they make an all-masked batch give 0 instead of NaN and are below fp32 resolution otherwise.
     """
     if loss_agg_mode == "token-mean":
         if batch_num_tokens is None:
-            return masked_mean(loss_mat, loss_mask) * dp_size
+            _need_global_count(dp_size, "batch_num_tokens")
+            return masked_mean(loss_mat, loss_mask)
         return masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         seq_losses = masked_sum(loss_mat, loss_mask, axis=-1)
@@ -348,7 +356,8 @@ def agg_loss(
             seq_losses = seq_losses / (tokens + MASKED_MEAN_EPS)
         seq_mask = (tokens > 0).float()
         if global_batch_size is None:
-            return masked_mean(seq_losses, seq_mask) * dp_size
+            _need_global_count(dp_size, "global_batch_size")
+            return masked_mean(seq_losses, seq_mask)
         return masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
     if loss_agg_mode == "seq-mean-token-sum-norm":
         scale = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor

@@ -6,8 +6,10 @@ RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which `init_distribut
 `mpirun` without those, the scheduler's own variables stand in (`scheduler_rank_env`: SLURM_PROCID /
 SLURM_NTASKS / SLURM_LOCALID, or OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK), so each task joins one world
 instead of making a world of one; MASTER_ADDR must then be exported by the job script (a multi-process world
-without it is an error saying so). A plain `python script.py` runs as a world of one. Multi-node, with passwordless ssh and the same paths on every
-node (the output directory on a shared file system, since checkpoints are written by every rank):
+without it is an error saying so). A plain `python script.py` runs as a world of one.
+
+Multi-node, with passwordless ssh and the same paths on every node (the output directory on a shared file
+system, since checkpoints are written by every rank):
 
     # hostfile: one line per node, "<host> slots=<GPUs>"
     node-a slots=8

@@ -311,7 +311,10 @@ class MetricsLogger:
 
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.output_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # the run's own file store: no server, no database package (mlflow 3 asks to opt in)
+            uri = (self.output_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         run_id = self._run_id("mlflow")
         if run_id is None:
