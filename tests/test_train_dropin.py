@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,15 +39,15 @@ TINY_RUN = [
 def _train(out: Path, *overrides: str) -> str:
     proc = run_torchrun(["-m", "rexrag_fast.cli", "train", "--config", str(TINY_CPU), f"trainer.output_dir={out}",
                          *TINY_RUN, *overrides], cwd=ROOT, timeout_s=RUN_TIMEOUT_S, nproc=1)
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
 def restarted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """One step, then the same command with max_steps 2 into the same directory."""
+    """One step, then the same command with max_steps 2 (and progress bars) into the same directory."""
     out = tmp_path_factory.mktemp("dropin_run")
     first = _train(out, "trainer.max_steps=1")
-    second = _train(out, "trainer.max_steps=2")
+    second = _train(out, "trainer.max_steps=2", "trainer.progress_bar=true")
     return out, first, second
 
 
@@ -58,6 +59,15 @@ def test_restart_resumes_and_appends_metrics(restarted_run: tuple[Path, str, str
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]  # step 1's line kept, step 2 appended
     assert "step 2/2 | reward" in second  # the console backend's line
+    assert "step 1/1 | reward" in first and "generate" not in first  # progress_bar=false: no bars
+
+
+def test_rollout_phase_and_demo_show_progress_with_eta(restarted_run: tuple[Path, str, str]) -> None:
+    from rexrag_fast.train.demo_command import progress_line
+
+    _, _, second = restarted_run
+    assert re.search(r"generate: .*\d+/4 \[\d\d:\d\d<\d\d:\d\d", second), second[-3000:]  # tqdm: elapsed<ETA
+    assert progress_line(2, 6, 340.0) == "demo: 2/6 RL runs done in 5m 40s, about 11m 20s left"
 
 
 def test_metrics_carry_verl_names(restarted_run: tuple[Path, str, str]) -> None:
