@@ -270,7 +270,7 @@ class RLTrainer:
         if du.is_main():
             save_config(cfg, self.output_dir / RESOLVED_CONFIG)
         mode = cfg.trainer.resume_mode if resume is None else ("auto" if resume else "disable")
-        if mode != "disable" and not self.resume(None if mode == "auto" else Path(mode)):
+        if mode != "disable" and not self.resume(None if mode == "auto" else Path(mode)) and resume:
             self._say(f"no good checkpoint under {self.ckpt_root}; starting from step 0")
         logger = MetricsLogger(self.output_dir, total_steps=cfg.trainer.max_steps, start_step=self.state.step,
                                enabled=du.is_main(), progress_bar=cfg.trainer.progress_bar,
