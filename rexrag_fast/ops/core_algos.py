@@ -112,14 +112,28 @@ def _group_mean_std_count(scores: torch.Tensor, group: torch.Tensor) -> tuple[to
     return mean, std, count[group]
 
 
+def _config_value(config: object | None, name: str, default: object) -> object:
+    """`config.name` (attribute or mapping key, as verl's dataclass and DictConfig configs), else default."""
+    if config is None:
+        return default
+    if isinstance(config, dict) or hasattr(config, "get"):
+        value = config.get(name, None)  # type: ignore[union-attr]
+        return default if value is None else value
+    return getattr(config, name, default)
+
+
 def compute_grpo_outcome_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
     index: Sequence | np.ndarray | torch.Tensor,
     epsilon: float = 1e-6,
     norm_adv_by_std_in_grpo: bool = True,
+    config: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantage (Dr. GRPO when `norm_adv_by_std_in_grpo=False`).
+
+    `config` is verl's AlgoConfig (its registry passes one to every estimator): when it has
+    `norm_adv_by_std_in_grpo`, that value is used, as in verl's estimators that read it from the config.
 
     With r_i = sum_t token_level_rewards[i, t] and G(i) the sequences sharing `index[i]`:
         A_i = (r_i - mean_G(r)) / (std_G(r) + epsilon)   (GRPO; std unbiased, as torch.std)
@@ -130,6 +144,7 @@ def compute_grpo_outcome_advantage(
     Args: token_level_rewards [B, L], response_mask [B, L], index [B] group labels (any hashable values).
     Returns: (advantages [B, L], returns [B, L]), the same tensor twice, as verl.
     """
+    norm_adv_by_std_in_grpo = bool(_config_value(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo))
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
         group = _dense_group_index(index, scores.shape[0]).to(scores.device)
@@ -147,17 +162,18 @@ def compute_rloo_outcome_advantage(
     response_mask: torch.Tensor,
     index: Sequence | np.ndarray | torch.Tensor,
     epsilon: float = 1e-6,
+    config: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO (leave-one-out) outcome advantage, arXiv 2402.14740.
 
     For a group of n > 1 sequences with outcome rewards r:
         A_i = r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean_G(r))
-    A group of one keeps A_i = r_i, as verl. `epsilon` is accepted for verl's signature and unused.
+    A group of one keeps A_i = r_i, as verl. `epsilon` and `config` are accepted for verl's signature and unused.
 
     Args: token_level_rewards [B, L], response_mask [B, L], index [B].
     Returns: (advantages [B, L], returns [B, L]).
     """
-    del epsilon
+    del epsilon, config
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
         group = _dense_group_index(index, scores.shape[0]).to(scores.device)
@@ -281,32 +297,50 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     return backward_score - backward_score.detach() + forward_score.detach()
 
 
+def _need_global_count(dp_size: int, name: str) -> None:
+    if dp_size > 1:
+        raise ValueError(f"{name}: the global count is required when dp_size > 1 (got dp_size={dp_size}), as verl")
+
+
 def agg_loss(
     loss_mat: torch.Tensor,
     loss_mask: torch.Tensor,
     loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: int | torch.Tensor | None = None,
+    global_batch_size: int | torch.Tensor | None = None,
     loss_scale_factor: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Aggregate a per-token loss [B, L] into a scalar (verl `agg_loss`, one data-parallel rank).
+    """Aggregate a per-token loss [B, L] into a scalar (verl `agg_loss`; arguments in verl's order).
 
-    With m the mask, n_s = sum_t m[s, t] and S = #{s : n_s > 0} (fully masked sequences are excluded):
-        token-mean              : sum_{s,t} m l / (sum m + 1e-8)
-        seq-mean-token-sum      : sum_{s: n_s>0} (sum_t m l) / (S + 1e-8)
-        seq-mean-token-mean     : sum_{s: n_s>0} (sum_t m l) / (n_s + 1e-8) / (S + 1e-8)
+    With m the mask, n_s = sum_t m[s, t] and S = #{s : n_s > 0} (fully masked sequences are excluded), on
+    one data-parallel rank of dp_size:
+        token-mean              : sum_{s,t} m l / N * dp_size,   N = batch_num_tokens (default sum m + 1e-8)
+        seq-mean-token-sum      : sum_{s: n_s>0} (sum_t m l) / G * dp_size,   G = global_batch_size
+                                  (default S + 1e-8)
+        seq-mean-token-mean     : sum_{s: n_s>0} (sum_t m l) / (n_s + 1e-8) / G * dp_size
         seq-mean-token-sum-norm : sum_{s,t} m l / loss_scale_factor   (default: L = loss_mask.shape[-1])
-    The 1e-8 guards are verl's masked_mean; they make an all-masked batch give 0 instead of NaN and are
-    below fp32 resolution otherwise.
+    batch_num_tokens / global_batch_size are the counts over the whole global batch (all ranks), required
+    when dp_size > 1 (ValueError otherwise, as verl); with the defaults the result is this batch's own mean.
+    seq-mean-token-sum-norm is verl <= 0.8's form (the fused op implements it); verl 0.9 also divides it by
+    the number of sequences. The 1e-8 guards are verl's masked_mean;
+    they make an all-masked batch give 0 instead of NaN and are below fp32 resolution otherwise.
     """
     if loss_agg_mode == "token-mean":
-        return masked_mean(loss_mat, loss_mask)
-    if loss_agg_mode == "seq-mean-token-sum":
+        if batch_num_tokens is None:
+            _need_global_count(dp_size, "batch_num_tokens")
+            return masked_mean(loss_mat, loss_mask)
+        return masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         seq_losses = masked_sum(loss_mat, loss_mask, axis=-1)
-        seq_mask = (loss_mask.sum(dim=-1) > 0).float()
-        return masked_mean(seq_losses, seq_mask)
-    if loss_agg_mode == "seq-mean-token-mean":
         tokens = loss_mask.sum(dim=-1)
-        seq_losses = masked_sum(loss_mat, loss_mask, axis=-1) / (tokens + MASKED_MEAN_EPS)
-        return masked_mean(seq_losses, (tokens > 0).float())
+        if loss_agg_mode == "seq-mean-token-mean":
+            seq_losses = seq_losses / (tokens + MASKED_MEAN_EPS)
+        seq_mask = (tokens > 0).float()
+        if global_batch_size is None:
+            _need_global_count(dp_size, "global_batch_size")
+            return masked_mean(seq_losses, seq_mask)
+        return masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
     if loss_agg_mode == "seq-mean-token-sum-norm":
         scale = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
         return masked_sum(loss_mat, loss_mask) / scale

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from rexrag_fast.train import distributed as dist_utils
-from rexrag_fast.train.config import Config
+from rexrag_fast.train.config import Config, merge_deepspeed_config, read_deepspeed_json
 from rexrag_fast.train.finite_guard import FiniteGuard, is_finite
 from rexrag_fast.train.metrics import peak_memory_bytes
 from rexrag_fast.train.packing import PackedBatch
@@ -138,7 +138,8 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
 def build_deepspeed_config(cfg: Config, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed config dict for the actor. Gradient accumulation is driven by the actor (variable
-    micro-batch counts), so DeepSpeed sees one micro-batch per step and a boundary flag set by hand."""
+    micro-batch counts), so DeepSpeed sees one micro-batch per step and a boundary flag set by hand.
+    deepspeed.config_file, when set, is merged over it (`config.merge_deepspeed_config`)."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -150,7 +151,7 @@ def build_deepspeed_config(cfg: Config, device: torch.device) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
+    generated = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.actor.grad_clip,
@@ -161,6 +162,9 @@ def build_deepspeed_config(cfg: Config, device: torch.device) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if ds.config_file is None:
+        return generated
+    return merge_deepspeed_config(generated, read_deepspeed_json(ds.config_file))
 
 
 def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:

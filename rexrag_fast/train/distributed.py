@@ -2,9 +2,14 @@
 ranks, and process-group set-up/tear-down (gloo on CPU, nccl on GPU, through DeepSpeed).
 
 Launch with `torchrun --nproc_per_node=N script.py` or `deepspeed --num_gpus N script.py`. The launchers set
-RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which `init_distributed` reads; a plain
-`python script.py` runs as a world of one. Multi-node, with passwordless ssh and the same paths on every
-node (the output directory on a shared file system, since checkpoints are written by every rank):
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which `init_distributed` reads. Under `srun` or
+`mpirun` without those, the scheduler's own variables stand in (`scheduler_rank_env`: SLURM_PROCID /
+SLURM_NTASKS / SLURM_LOCALID, or OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK), so each task joins one world
+instead of making a world of one; MASTER_ADDR must then be exported by the job script (a multi-process world
+without it is an error saying so). A plain `python script.py` runs as a world of one.
+
+Multi-node, with passwordless ssh and the same paths on every node (the output directory on a shared file
+system, since checkpoints are written by every rank):
 
     # hostfile: one line per node, "<host> slots=<GPUs>"
     node-a slots=8
@@ -20,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import socket
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -121,6 +127,50 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# (rank, world size, local rank, local world size) variables of each scheduler, first match wins.
+SCHEDULER_RANK_VARS = {
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE"),
+}
+DEFAULT_MASTER_PORT = "29500"  # torchrun's default
+
+
+def scheduler_rank_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from a scheduler's variables (SLURM, Open MPI) when
+    no launcher set RANK; {} when RANK is set or no scheduler variables are present. Pure: reads `environ`."""
+    if "RANK" in environ:
+        return {}
+    for rank_var, size_var, local_var, local_size_var in SCHEDULER_RANK_VARS.values():
+        if rank_var in environ and size_var in environ:
+            # SLURM_NTASKS_PER_NODE may read "4(x2)"; its leading count is this node's.
+            local_size = re.match(r"\d+", environ.get(local_size_var, "")) or None
+            return {"RANK": environ[rank_var], "WORLD_SIZE": environ[size_var],
+                    "LOCAL_RANK": environ.get(local_var, "0"),
+                    "LOCAL_WORLD_SIZE": local_size.group(0) if local_size else environ[size_var]}
+    return {}
+
+
+def _set_rank_env() -> None:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in os.environ when no launcher did."""
+    from_scheduler = scheduler_rank_env(os.environ)
+    if from_scheduler:
+        os.environ.update(from_scheduler)
+        if int(from_scheduler["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in os.environ:
+            raise RuntimeError(
+                f"{from_scheduler['WORLD_SIZE']} tasks found through the scheduler's variables (RANK "
+                f"{from_scheduler['RANK']}), but MASTER_ADDR is not set: export MASTER_ADDR (the first node's "
+                "host name, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) and MASTER_PORT "
+                "in the job script before srun / mpirun")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT if int(from_scheduler["WORLD_SIZE"]) > 1
+                              else str(_free_port()))
+    elif "RANK" not in os.environ:  # not under a launcher: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
 def init_distributed(backend: str | None = None) -> None:
     """Create the default process group through DeepSpeed: gloo on CPU, nccl on GPU unless `backend` says.
 
@@ -130,10 +180,7 @@ def init_distributed(backend: str | None = None) -> None:
     """
     if is_initialized():
         return
-    if "RANK" not in os.environ:  # not under a launcher: a world of one
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    _set_rank_env()
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -7,8 +7,15 @@ Metric names are `section/name` as in verl (`reward/mean`, `actor/pg_clipfrac`, 
 
     {"step": 12, "time": 1764080000.1, "reward/mean": 0.41, "actor/loss": 0.013, ...}
 
-Only rank 0 writes (`enabled=False` elsewhere). On resume from step k, lines with step > k (written after
-the checkpoint by the run that died) are dropped, so the file again describes one consistent run.
+Only rank 0 writes (`enabled=False` elsewhere). On resume from step k the file is appended to; lines with
+step > k (written after the checkpoint by the run that died) are dropped first, so the file again describes
+one consistent run.
+
+Backends (`trainer.logger`, as verl's): console (one compact line per step), tensorboard, wandb (offline
+when WANDB_MODE=offline), mlflow (a file store under <output_dir>/mlruns unless MLFLOW_TRACKING_URI is set).
+wandb and mlflow are optional (`pip install "rexrag-fast[loggers]"`). Every record also carries verl's name
+for each quantity verl logs too (`VERL_METRIC_NAMES`: critic/score/mean, response_length/mean, timing_s/*,
+perf/*), so verl dashboards read our runs.
 """
 
 from __future__ import annotations
@@ -146,8 +153,81 @@ def _scalar(v: Any) -> float | int | str | bool | None:
     return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
 
 
+# ours -> verl's name for the same quantity (verl/trainer/ppo/metric_utils.py, Search-R1's env/* metrics).
+VERL_METRIC_NAMES: dict[str, str] = {
+    "reward/mean": "critic/score/mean",  # no KL in the reward: score = reward
+    "rollout/response_len_mean": "response_length/mean",
+    "rollout/searches_mean": "env/number_of_valid_search",
+    "rollout/answered_frac": "env/finish_ratio",
+    "timing/rollout_s": "timing_s/gen",
+    "timing/old_logprob_s": "timing_s/old_log_prob",
+    "timing/ref_logprob_s": "timing_s/ref",
+    "timing/update_s": "timing_s/update_actor",
+    "timing/step_s": "timing_s/step",
+    "batch/train_tokens": "perf/total_num_tokens",
+}
+# verl's per-GPU throughput and memory in GiB, from ours.
+_VERL_DERIVED = {
+    "perf/throughput": ("throughput/train_tokens_per_s", lambda v: v / du.get_world_size()),
+    "perf/max_memory_allocated_gb": ("memory/peak_bytes", lambda v: v / 2**30),
+}
+BACKENDS = ("console", "tensorboard", "wandb", "mlflow")
+_INSTALL = {"wandb": "wandb", "mlflow": "mlflow-skinny"}
+CONSOLE_KEYS = (("reward", "reward/mean"), ("loss", "actor/loss"), ("kl", "actor/kl_loss"),
+                ("len", "rollout/response_len_mean"), ("tok/s", "throughput/train_tokens_per_s"),
+                ("s", "timing/step_s"))
+
+
+def with_verl_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`metrics` plus verl's name for every quantity in VERL_METRIC_NAMES and _VERL_DERIVED that it holds."""
+    out = dict(metrics)
+    for ours, theirs in VERL_METRIC_NAMES.items():
+        if ours in metrics:
+            out[theirs] = metrics[ours]
+    for theirs, (ours, f) in _VERL_DERIVED.items():
+        if isinstance(metrics.get(ours), (int, float)):
+            out[theirs] = f(float(metrics[ours]))
+    return out
+
+
+def check_backends(names: Sequence[str]) -> None:
+    """ImportError naming the package to install for each optional backend in `names` that is missing."""
+    import importlib.util
+
+    missing = [n for n in names if n in _INSTALL and importlib.util.find_spec(n) is None]
+    if missing:
+        pkgs = " ".join(_INSTALL[n] for n in missing)
+        raise ImportError(f"trainer.logger lists {missing}, not installed: pip install {pkgs} "
+                          "(or pip install \"rexrag-fast[loggers]\")")
+
+
+def logger_options(trainer_cfg: Any, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """MetricsLogger keyword arguments from a TrainerConfig (trainer.logger, trainer.tensorboard, names)."""
+    backends = [b for b in trainer_cfg.logger if b != "tensorboard" or trainer_cfg.tensorboard]
+    return {"backends": backends, "project_name": trainer_cfg.project_name,
+            "experiment_name": trainer_cfg.experiment_name, "config": config}
+
+
+def console_line(step: int, total: int | None, record: Mapping[str, Any]) -> str:
+    """'step 3/20 | reward 0.25 | loss 0.0132 | ...' from the CONSOLE_KEYS present in `record`."""
+    parts = [f"step {step}" + (f"/{total}" if total else "")]
+    parts += [f"{label} {record[k]:.4g}" for label, k in CONSOLE_KEYS
+              if isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)]
+    return " | ".join(parts)
+
+
+def _flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping):
+            out.update(_flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
 class MetricsLogger:
-    """Write one record per step to `<output_dir>/metrics.jsonl`, tqdm and TensorBoard."""
+    """Write one record per step to `<output_dir>/metrics.jsonl`, tqdm and the backends of trainer.logger."""
 
     def __init__(
         self,
@@ -159,23 +239,41 @@ class MetricsLogger:
         tensorboard: bool = True,
         progress_bar: bool = True,
         postfix_keys: Sequence[str] = ("reward/mean", "actor/loss", "throughput/train_tokens_per_s"),
+        backends: Sequence[str] | None = None,
+        project_name: str = "rexrag-fast",
+        experiment_name: str = "run",
+        config: Mapping[str, Any] | None = None,
     ) -> None:
+        """backends: names of BACKENDS (None: tensorboard when `tensorboard`, as before trainer.logger)."""
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
         self.postfix_keys = tuple(postfix_keys)
+        self.total_steps = total_steps
+        backends = list(backends) if backends is not None else (["tensorboard"] if tensorboard else [])
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"backends: expected names of {list(BACKENDS)}, got {unknown}")
+        self.console = "console" in backends
         self._tb = None
         self._bar = None
         self._file = None
+        self._wandb = None
+        self._mlflow = None
         if not enabled:
             return
+        check_backends(backends)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         # Line-buffered: a crash loses at most one line. Closed in close().
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
-        if tensorboard:
+        if "wandb" in backends:
+            self._wandb = self._start_wandb(project_name, experiment_name, config)
+        if "mlflow" in backends:
+            self._mlflow = self._start_mlflow(project_name, experiment_name, config)
+        if "tensorboard" in backends:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -191,18 +289,71 @@ class MetricsLogger:
     def tensorboard_enabled(self) -> bool:
         return self._tb is not None
 
+    def _run_id(self, name: str) -> str | None:
+        """The run id a backend recorded in output_dir (so a resumed run continues the same run), or None."""
+        path = self.output_dir / f".{name}_run_id"
+        return path.read_text().strip() if path.is_file() else None
+
+    def _save_run_id(self, name: str, run_id: str) -> None:
+        (self.output_dir / f".{name}_run_id").write_text(run_id + "\n")
+
+    def _start_wandb(self, project: str, name: str, config: Mapping[str, Any] | None) -> Any:
+        import wandb
+
+        run_id = self._run_id("wandb")
+        run = wandb.init(project=project, name=name, config=dict(config or {}), dir=str(self.output_dir),
+                         id=run_id, resume="allow" if run_id else None)
+        self._save_run_id("wandb", run.id)
+        return run
+
+    def _start_mlflow(self, project: str, name: str, config: Mapping[str, Any] | None) -> Any:
+        import os
+
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # the run's own file store: no server, no database package (mlflow 3 asks to opt in)
+            uri = (self.output_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+        run_id = self._run_id("mlflow")
+        if run_id is None:
+            exp = client.get_experiment_by_name(project)
+            exp_id = exp.experiment_id if exp is not None else client.create_experiment(project)
+            run_id = client.create_run(exp_id, run_name=name).info.run_id
+            for k, v in _flat_params(config or {}).items():
+                client.log_param(run_id, k, v[:500])
+            self._save_run_id("mlflow", run_id)
+        return client, run_id
+
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Record `metrics` for `step`; returns the record written."""
         record: dict[str, Any] = {"step": int(step), "time": time.time()}
-        record.update({k: _scalar(v) for k, v in metrics.items()})
+        record.update({k: _scalar(v) for k, v in with_verl_names(metrics).items()})
         if not self.enabled:
             return record
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
+        numbers = {k: float(v) for k, v in record.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=int(step))
+        if self._mlflow is not None:
+            from mlflow.entities import Metric
+
+            client, run_id = self._mlflow
+            now = int(record["time"] * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, now, int(step)) for k, v in numbers.items()
+                                              if math.isfinite(v)])
+        if self.console:
+            line = console_line(int(step), self.total_steps, record)
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             post = {k.split("/")[-1]: f"{record[k]:.4g}" for k in self.postfix_keys
@@ -222,6 +373,13 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._mlflow is not None:
+            client, run_id = self._mlflow
+            client.set_terminated(run_id)
+            self._mlflow = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

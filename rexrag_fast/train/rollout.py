@@ -128,6 +128,7 @@ class Rollouts:
         seed = derive_seed(self.cfg.trainer.seed, step, du.get_rank(), SEED_ROLLOUT)
         with metrics.timer("time/rollout_s"):
             trajs = run_agent_loop(self.engine, self.retriever, [p for p in prompts for _ in range(n)],
-                                   self.agent_config(seed), tokenizer=self.tokenizer)
+                                   self.agent_config(seed), tokenizer=self.tokenizer,
+                                   progress=self.cfg.trainer.progress_bar and du.is_main())  # per turn, ETA
         metrics.add("count/rollout_generated_tokens", self.engine.counters.generated_tokens - gen0)
         return StepBatch.originals(trajs, [g for g in golds for _ in range(n)], [g for g in groups for _ in range(n)])

@@ -22,7 +22,8 @@ function of (seed, epoch), and the rollout sampling seeds and the dead-end / pro
 position, keep-ratio average) repeats steps k+1.. of the uninterrupted run exactly on the CPU.
 
 Output under trainer.output_dir: config.yaml (the resolved config), metrics.jsonl, tensorboard/, curves.png,
-checkpoints/step_NNNNNN/ (the newest trainer.keep_last), and final/ (the trained weights as a Hugging Face
+checkpoints/step_NNNNNN/ (the newest trainer.keep_last; with hf/, a Hugging Face model directory, every
+trainer.export_hf_every steps), and final/ (the trained weights as a Hugging Face
 model directory with its tokenizer, for `rexrag-fast eval --model DIR`) when the run reaches max_steps.
 """
 
@@ -38,8 +39,8 @@ import torch
 from rexrag_fast.agent.trajectory import Component, Trajectory
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
-from rexrag_fast.train.config import Config, config_to_dict, save_config
-from rexrag_fast.train.metrics import MetricsLogger, StepMetrics, peak_memory_bytes, summarize_step
+from rexrag_fast.train.config import Config, config_to_dict, resolve_max_steps, save_config
+from rexrag_fast.train.metrics import MetricsLogger, StepMetrics, logger_options, peak_memory_bytes, summarize_step
 from rexrag_fast.train.packing import (
     PackedBatch,
     pack_micro_batches,
@@ -55,6 +56,7 @@ from rexrag_fast.train.step_batch import StepBatch
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FINAL_MODEL_SUBDIR = "final"
+CHECKPOINT_HF_SUBDIR = "hf"  # trainer.export_hf_every: a Hugging Face model dir inside the checkpoint
 RESOLVED_CONFIG = "config.yaml"
 # actor.tree_packing=auto packs prefix trees when they save at least this share of the flat tokens.
 TREE_PACKING_MIN_SHARING = 0.2
@@ -135,6 +137,7 @@ class RLTrainer:
         self.tokenizer = tokenizer
         retriever = retriever if retriever is not None else build_trainer_retriever(cfg)
         examples = list(examples) if examples is not None else load_train_examples(cfg)
+        cfg.trainer.max_steps = resolve_max_steps(cfg, len(examples))  # trainer.total_epochs, verl's key
         self.model_config = model.config
 
         # The engine copies the weights, the reference is a frozen copy: both before ZeRO-3 partitions them.
@@ -248,12 +251,16 @@ class RLTrainer:
         self.state.keep_ratio_ewm = self.exploration.state_dict().get("keep_ratio_ewm")
         self.state.extra = {"rollout_engine": {k: str(v) for k, v in vars(self.engine.config).items()},
                             "config": config_to_dict(self.cfg)}
-        return save_checkpoint(self.ckpt_root, self.state, self.actor.engine, keep_last=self.cfg.trainer.keep_last)
+        path = save_checkpoint(self.ckpt_root, self.state, self.actor.engine, keep_last=self.cfg.trainer.keep_last)
+        every = self.cfg.trainer.export_hf_every
+        if every and self.state.step % every == 0:
+            self.export_model(path / CHECKPOINT_HF_SUBDIR)
+        return path
 
-    def resume(self) -> bool:
-        """Restore the newest good checkpoint (weights, optimizer, trainer state, RNG) and push the weights
-        into the engine; False when there is none. Collective."""
-        loaded = load_checkpoint(self.ckpt_root, self.actor.engine)
+    def resume(self, checkpoint: Path | None = None) -> bool:
+        """Restore the newest good checkpoint (or `checkpoint`, a step directory: weights, optimizer, trainer
+        state, RNG) and push the weights into the engine; False when there is none. Collective."""
+        loaded = load_checkpoint(self.ckpt_root, self.actor.engine, checkpoint=checkpoint)
         if loaded is None:
             return False
         for msg in loaded.skipped:
@@ -267,18 +274,13 @@ class RLTrainer:
     def export_model(self, path: Path) -> Path:
         """Gathered weights as a Hugging Face model directory (config, safetensors, tokenizer) on rank 0,
         readable by `load_pretrained` / `rexrag-fast eval --model DIR`. Collective."""
-        from transformers import AutoModelForCausalLM
+        from rexrag_fast.train.actor import resolve_precision
+        from rexrag_fast.train.models import write_hf_model
 
         state = self.actor.gathered_state_dict()
-        if du.is_main():
-            model = AutoModelForCausalLM.from_config(self.model_config).float()
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            tied = {"lm_head.weight"} if getattr(self.model_config, "tie_word_embeddings", False) else set()
-            if unexpected or set(missing) - tied:
-                raise RuntimeError(f"export: weights do not fit the model (missing {missing}, unexpected "
-                                   f"{unexpected})")
-            model.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
+        if du.is_main():  # in the training dtype: bf16 on a GPU
+            dtype = torch.bfloat16 if resolve_precision(self.cfg, self.device) == "bf16" else torch.float32
+            write_hf_model(self.model_config, state, self.tokenizer, path, dtype)
         du.barrier()
         return path
 
@@ -293,11 +295,12 @@ class RLTrainer:
         cfg = self.cfg
         if du.is_main():
             save_config(cfg, self.output_dir / RESOLVED_CONFIG)
-        if (cfg.trainer.resume if resume is None else resume) and not self.resume():
+        mode = cfg.trainer.resume_mode if resume is None else ("auto" if resume else "disable")
+        if mode != "disable" and not self.resume(None if mode == "auto" else Path(mode)) and resume:
             self._say(f"no good checkpoint under {self.ckpt_root}; starting from step 0")
         logger = MetricsLogger(self.output_dir, total_steps=cfg.trainer.max_steps, start_step=self.state.step,
-                               enabled=du.is_main(), tensorboard=cfg.trainer.tensorboard,
-                               progress_bar=cfg.trainer.progress_bar)
+                               enabled=du.is_main(), progress_bar=cfg.trainer.progress_bar,
+                               **logger_options(cfg.trainer, config_to_dict(cfg)))
         saved_at = self.state.step if list_checkpoints(self.ckpt_root) else -1
         stopped = False
         try:
