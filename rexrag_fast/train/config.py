@@ -73,6 +73,7 @@ class DataConfig:
     # instruction template file (UTF-8, with {question}) for questions that do not carry a rendered prompt
     # (Search-R1 parquet rows do); None: the project's own agent.template.DEFAULT_TEMPLATE
     prompt_template: str | None = None
+    val_max_examples: int = 0  # validation questions scored every trainer.test_freq steps; 0: all of them
 
 
 @dataclass
@@ -522,6 +523,7 @@ def _check_values(cfg: Config) -> list[str]:
     need(t.save_every >= 0, "trainer.save_every", f"must be >= 0, got {t.save_every}")
     need(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
     need(t.log_every >= 1, "trainer.log_every", f"must be >= 1, got {t.log_every}")
+    need(d.val_max_examples >= 0, "data.val_max_examples", f"must be >= 0 (0: all), got {d.val_max_examples}")
     need(t.test_freq >= -1, "trainer.test_freq", f"must be >= 1, or 0 / -1 for no validation, got {t.test_freq}")
     return p
 

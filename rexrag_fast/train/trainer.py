@@ -226,6 +226,19 @@ class RLTrainer:
                                  {"rewards": rewards, "group_ids": torch.tensor(batch.group_ids)},
                                  group_ids=batch.group_ids)
 
+    def validate(self) -> dict[str, float]:
+        """Greedy held-out EM of the current weights (`validation.validate`: val/em, val/em/<source>). Collective."""
+        from rexrag_fast.train.validation import load_val_examples, validate
+
+        if getattr(self, "_val_examples", None) is None:
+            self._val_examples = load_val_examples(self.cfg)
+        t0 = time.perf_counter()
+        out = validate(self.engine, self.rollouts.retriever, self._val_examples, self.rollouts.agent_config(None),
+                       tokenizer=self.tokenizer, template=self.rollouts.template,
+                       batch_size=self.cfg.data.val_batch_size)
+        out["time/validation_s"] = time.perf_counter() - t0
+        return out
+
     def sync_weights(self) -> None:
         """Gathered ZeRO-3 weights into the rollout engine (collective)."""
         self.engine.update_weights(self.actor.iter_gathered_parameters(device=self.engine.device))
@@ -293,6 +306,8 @@ class RLTrainer:
             with GracefulStop() as stop:
                 while self.state.step < cfg.trainer.max_steps:
                     metrics = self.step()
+                    if cfg.trainer.test_freq > 0 and self.state.step % cfg.trainer.test_freq == 0:
+                        metrics.update(self.validate())
                     if self.state.step % cfg.trainer.log_every == 0 or self.state.step == cfg.trainer.max_steps:
                         logger.log(self.state.step, metrics)
                     stopped = stop.requested_on_any_rank()
