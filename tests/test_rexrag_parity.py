@@ -79,3 +79,25 @@ def test_prompt_pool_from_python_source_is_parsed_not_run(tmp_path: Path):
     f.write_text("x = 1\n")
     with pytest.raises(ValueError, match="no top-level list"):
         load_prompt_pool(f)
+
+
+def test_reference_settings_load_from_the_rexrag_configs(tmp_path: Path):
+    from rexrag_fast.train.config import load_config
+    from rexrag_fast.train.rollout import agent_config
+
+    for name in ("tiny_cpu.yaml", "demo_cpu.yaml", "qwen2.5-3b.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        a = cfg.algorithm
+        assert (a.name, a.clip_ratio_c, a.log_ratio_clamp, cfg.rollout.force_answer) == ("rexrag", None, None, False)
+    cfg = load_config(ROOT / "configs" / "qwen2.5-3b.yaml")
+    rows = cfg.data.train_batch_size * cfg.rollout.n_agent
+    assert optimizer_steps_per_epoch(rows, cfg.actor.ppo_mini_batch_size, 64) == 10  # 2,560 / 256
+    message = tmp_path / "invalid.txt"
+    message.write_text("\nOwn words: use <search> or <answer>.\n", encoding="utf-8")
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml",
+                      [f"rollout.invalid_action_message={message}", "rollout.force_answer=true"])
+    agent = agent_config(cfg, seed=None)
+    assert agent.invalid_action_message == "\nOwn words: use <search> or <answer>.\n" and agent.force_answer
+    with pytest.raises(ValueError, match="cannot be read"):
+        agent_config(load_config(ROOT / "configs" / "tiny_cpu.yaml",
+                                 [f"rollout.invalid_action_message={tmp_path / 'missing.txt'}"]), seed=None)
