@@ -202,6 +202,10 @@ def test_rexrag_step_with_probes(tmp_path: Path) -> None:
     assert m["rexrag/error_rate"] == pytest.approx(0.5)  # one right, one wrong answer per question
     assert m["reward/mean"] == pytest.approx(0.5)
     assert m["batch/train_sequences"] == originals + len(probes)
+    # ceil((8 + probes) rows / ppo_mini_batch_size 4) >= 3, capped at the 2 groups each rank holds
+    assert m["actor/optimizer_steps"] == 2.0
+    assert m["rexrag/dead_ends"] == 4.0  # the wrong answer of each of the 4 questions
+    assert m["rexrag/kept_probe_source_group_reward"] == pytest.approx(0.5)  # one right, one wrong per group
     for key in ("actor/loss", "actor/pg_loss", "actor/is_weight_mean", "actor/kl", "actor/grad_norm"):
         assert math.isfinite(m[key]), key
     assert m["actor/pg_loss"] != 0.0  # rewards differ inside every group: a real policy gradient
