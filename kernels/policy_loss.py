@@ -2,8 +2,8 @@
 
 Per token t of sequence s (packed layout, `cu_seqlens` [B+1]), with behaviour log-prob
     beh = logaddexp(old + log(1 - alpha), probe + log(alpha))   (beh = old without a probe input)
-    d = clamp(lp - beh, -20, 20), ratio = exp(d)
-    l1 = -A ratio, l2 = -A clamp(ratio, lo, hi), lc = max(l1, l2), l3 = -A c
+    d = clamp(lp - beh, -m, m), ratio = exp(d)      (m = ratio_clamp, +inf: no clamp)
+    l1 = -A ratio, l2 = -A clamp(ratio, lo, hi), lc = max(l1, l2), l3 = -A c   (c = +inf: no dual clip)
     l = min(l3, lc) if A < 0 else lc
 and a KL estimate k(lp, ref). The forward kernel writes per-block partial sums of the masked
 (l, k, 1, [l2 > l1], [lc > l3 and A < 0], -d, ratio, exp(old - beh)) and, for the seq-mean modes, adds
@@ -57,7 +57,7 @@ def _sequence_of(offs, cu_ptr, B, LOG2_B: tl.constexpr):
 
 
 @triton.jit
-def _token_terms(lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
+def _token_terms(lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, ratio_clamp, log1m_alpha, log_alpha,
                  HAS_PROBE: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr,
                  KL_STRAIGHT: tl.constexpr, WANT_GRAD: tl.constexpr):
     """Per-token loss terms (fp32). Returns (loss, kl, clipped, clipped_lower, d, ratio, beh, dloss, dkl)."""
@@ -69,13 +69,14 @@ def _token_terms(lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alp
     else:
         beh = old
     d_raw = lp - beh
-    d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+    d = tl.minimum(tl.maximum(d_raw, -ratio_clamp), ratio_clamp)
     ratio = tl.exp(d)
     pg1 = -adv * ratio
     pg2 = -adv * tl.minimum(tl.maximum(ratio, lo_bound), hi_bound)
     lc = tl.maximum(pg1, pg2)
-    pg3 = -adv * clip_c
     neg = adv < 0
+    # c = +inf (no dual clip) gives pg3 = +inf where A < 0; elsewhere pg3 is unused (and 0 * inf is NaN).
+    pg3 = tl.where(neg, -adv * clip_c, 0.0)
     loss = tl.where(neg, tl.minimum(pg3, lc), lc)
     clipped = pg2 > pg1
     clipped_lower = (lc > pg3) & neg
@@ -98,7 +99,7 @@ def _token_terms(lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alp
     dloss = tl.zeros_like(lp)
     dkl = tl.zeros_like(lp)
     if WANT_GRAD:
-        dratio = tl.where((d_raw >= -20.0) & (d_raw <= 20.0), ratio, 0.0)
+        dratio = tl.where((d_raw >= -ratio_clamp) & (d_raw <= ratio_clamp), ratio, 0.0)
         in_clip = ((ratio >= lo_bound) & (ratio <= hi_bound)).to(tl.float32)
         tie = pg1 == pg2
         w1 = tl.where(pg1 > pg2, 1.0, tl.where(tie, 0.5, 0.0))
@@ -155,7 +156,7 @@ def _load_block_inputs(pid, T, B, cu_ptr, lp_ptr, old_ptr, mask_ptr, adv_ptr, re
 @triton.jit
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr, cu_ptr, partial_ptr, seq_sum_ptr,
-    T, B, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
+    T, B, lo_bound, hi_bound, clip_c, ratio_clamp, log1m_alpha, log_alpha,
     ADV_PER_TOKEN: tl.constexpr, HAS_REF: tl.constexpr, HAS_PROBE: tl.constexpr, KL_KIND: tl.constexpr,
     PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, LOG2_B: tl.constexpr, N_COLS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -165,7 +166,7 @@ def _policy_loss_fwd_kernel(
         pid, T, B, cu_ptr, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr,
         ADV_PER_TOKEN, HAS_REF, HAS_PROBE, NEED_SEQ, LOG2_B, BLOCK)
     loss, kl, clipped, clipped_lower, d, ratio, beh, _, _ = _token_terms(
-        lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
+        lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, ratio_clamp, log1m_alpha, log_alpha,
         HAS_PROBE, HAS_REF, KL_KIND, False, False)
 
     loss = tl.where(live, loss, 0.0)
@@ -198,7 +199,7 @@ def _policy_loss_fwd_kernel(
 @triton.jit
 def _policy_loss_bwd_kernel(
     lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr, cu_ptr, grad_out_ptr, weight_ptr, dlp_ptr,
-    T, B, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha, kl_coef,
+    T, B, lo_bound, hi_bound, clip_c, ratio_clamp, log1m_alpha, log_alpha, kl_coef,
     ADV_PER_TOKEN: tl.constexpr, HAS_REF: tl.constexpr, HAS_PROBE: tl.constexpr, KL_KIND: tl.constexpr,
     KL_STRAIGHT: tl.constexpr, WEIGHT_PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, LOG2_B: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -208,7 +209,7 @@ def _policy_loss_bwd_kernel(
         pid, T, B, cu_ptr, lp_ptr, old_ptr, mask_ptr, adv_ptr, ref_ptr, probe_ptr,
         ADV_PER_TOKEN, HAS_REF, HAS_PROBE, NEED_SEQ, LOG2_B, BLOCK)
     _, _, _, _, _, _, _, dloss, dkl = _token_terms(
-        lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
+        lp, old, probe, adv, ref, lo_bound, hi_bound, clip_c, ratio_clamp, log1m_alpha, log_alpha,
         HAS_PROBE, HAS_REF, KL_KIND, KL_STRAIGHT, True)
     g = tl.load(grad_out_ptr)
     if WEIGHT_PER_SEQ:
@@ -372,8 +373,8 @@ AGG_MODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2,
 def policy_loss_forward(
     lp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
     adv_seq: torch.Tensor | None, adv_tok: torch.Tensor | None, ref: torch.Tensor | None,
-    probe: torch.Tensor | None, lo_bound: float, hi_bound: float, clip_c: float, log1m_alpha: float,
-    log_alpha: float, kl_kind: str, kl_coef: float, agg_mode: str, scale: float | None,
+    probe: torch.Tensor | None, lo_bound: float, hi_bound: float, clip_c: float, ratio_clamp: float,
+    log1m_alpha: float, log_alpha: float, kl_kind: str, kl_coef: float, agg_mode: str, scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward pass over T tokens and the one-program finalize.
 
@@ -397,7 +398,7 @@ def policy_loss_forward(
     if T > 0:
         _policy_loss_fwd_kernel[(n_blocks,)](
             lp, old, mask, adv, ref_t, probe_t, cu_seqlens, partials, seq_sums,
-            T, B, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha,
+            T, B, lo_bound, hi_bound, clip_c, ratio_clamp, log1m_alpha, log_alpha,
             ADV_PER_TOKEN=adv_tok is not None, HAS_REF=ref is not None, HAS_PROBE=probe is not None,
             KL_KIND=kl_code, PER_SEQ=per_seq, NEED_SEQ=per_seq or adv_tok is None,
             LOG2_B=(B - 1).bit_length(), N_COLS=N_PARTIALS, BLOCK=BLOCK,
@@ -420,7 +421,8 @@ def policy_loss_backward(
     lp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, grad_out: torch.Tensor,
     weight: torch.Tensor, *, adv_seq: torch.Tensor | None, adv_tok: torch.Tensor | None,
     ref: torch.Tensor | None, probe: torch.Tensor | None, lo_bound: float, hi_bound: float, clip_c: float,
-    log1m_alpha: float, log_alpha: float, kl_coef: float, kl_kind: str, kl_straight: bool, weight_per_seq: bool,
+    ratio_clamp: float, log1m_alpha: float, log_alpha: float, kl_coef: float, kl_kind: str, kl_straight: bool,
+    weight_per_seq: bool,
 ) -> torch.Tensor:
     """Launch the backward pass: dloss/dlp [T] in lp's dtype.
 
@@ -435,7 +437,7 @@ def policy_loss_backward(
     BLOCK = _block_size(T)
     _policy_loss_bwd_kernel[(cdiv(T, BLOCK),)](
         lp, old, mask, adv, ref_t, probe_t, cu_seqlens, grad_out, weight, dlp,
-        T, B, lo_bound, hi_bound, clip_c, log1m_alpha, log_alpha, kl_coef,
+        T, B, lo_bound, hi_bound, clip_c, ratio_clamp, log1m_alpha, log_alpha, kl_coef,
         ADV_PER_TOKEN=adv_tok is not None, HAS_REF=ref is not None, HAS_PROBE=probe is not None,
         KL_KIND=KL_KINDS[kl_kind], KL_STRAIGHT=kl_straight, WEIGHT_PER_SEQ=weight_per_seq,
         NEED_SEQ=weight_per_seq or adv_tok is None, LOG2_B=(B - 1).bit_length(), BLOCK=BLOCK,

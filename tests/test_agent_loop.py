@@ -289,12 +289,14 @@ class ScriptedPolicy:
         return Request(list(completion.token_ids[:keep_tokens]) + list(append_token_ids), sampling)
 
 
-def test_scripted_multi_turn_paths(tokenizer, world, retriever):
+@pytest.mark.parametrize("force_answer", [False, True], ids=["reference-final-turn", "force-answer"])
+def test_scripted_multi_turn_paths(tokenizer, world, retriever, force_answer):
     p = [tuple(x) for x in prompts(tokenizer, world, 4)]
     scripts = {
         # search, search, answer
         p[0]: ["<think>a</think><search> Gamir </search> ignored", "<search>city</search>", "<answer> X </answer>"],
-        # invalid, search, then the final turn: a search there is not run; the answer after it counts
+        # invalid, search, then the final turn: a search there is not run; by default (the reference) the
+        # turn stops at </search> and has no answer; with force_answer it runs on and the answer counts
         p[1]: ["no action", "<search>b</search>", "<search>c</search> no <answer>Y</answer>"],
         # answers at once; text after the answer's closing tag is cut by the stop string
         p[2]: ["<answer>Z</answer> trailing"],
@@ -303,21 +305,30 @@ def test_scripted_multi_turn_paths(tokenizer, world, retriever):
     }
     engine = ScriptedPolicy(tokenizer, scripts)
     counting = CountingRetriever(retriever)
-    cfg = AgentConfig(max_turns=2, max_tokens_per_turn=50, max_obs_tokens=30, topk=1)
+    cfg = AgentConfig(max_turns=2, max_tokens_per_turn=50, max_obs_tokens=30, topk=1, force_answer=force_answer)
     t0, t1, t2, t3 = run_agent_loop(engine, counting, [list(x) for x in p], cfg)
     # one retrieval per searching turn, batched across trajectories, in item order
     assert counting.calls == [["Gamir"], ["city", "b"]]
     assert engine.generate_calls == 3
     assert (t0.status, t0.answer, [x.action for x in t0.turns]) == ("answer", "X", ["search", "search", "answer"])
-    assert (t1.status, t1.answer, [x.action for x in t1.turns]) == ("answer", "Y", [None, "search", "answer"])
+    if force_answer:
+        assert (t1.status, t1.answer, [x.action for x in t1.turns]) == ("answer", "Y", [None, "search", "answer"])
+    else:
+        assert (t1.status, t1.answer, [x.action for x in t1.turns]) == ("max_turns", None, [None, "search", "search"])
+        # the cut: the final turn's text ends at the first </search>; nothing after it was generated
+        last = t1.turns[-1]
+        assert tokenizer.decode(t1.token_ids[last.start:last.end]) == "<search>c</search>"
+        assert last.end == len(t1)
     assert (t2.status, t2.answer, len(t2.turns)) == ("answer", "Z", 1)
     assert tokenizer.decode(t2.token_ids[t2.turns[0].start:t2.turns[0].end]) == "<answer>Z</answer>"
-    assert (t3.status, t3.answer, [x.action for x in t3.turns]) == ("max_turns", None, [None, None, None])
+    final_action = None if force_answer else "search"
+    assert (t3.status, t3.answer, [x.action for x in t3.turns]) == ("max_turns", None, [None, None, final_action])
     assert t3.num_invalid == 2 and t1.num_invalid == 1 and t0.num_searches == 2
-    # stop strings: both tags before the final turn, only </answer> in it
+    # stop strings: both tags before the final turn; in it only </answer> with force_answer, else both
     stops = [r.sampling.stop for r in engine.requests]
-    assert stops.count(("</answer>",)) == 3  # t0, t1, t3 reached the final turn
-    assert stops.count(("</search>", "</answer>")) == len(stops) - 3
+    n_final = 3 if force_answer else 0  # t0, t1, t3 reached the final turn
+    assert stops.count(("</answer>",)) == n_final
+    assert stops.count(("</search>", "</answer>")) == len(stops) - n_final
     for t in (t0, t1, t2, t3):
         check_masks(t, tokenizer, cfg)
         # scripted log-probs are kept on exactly the generated tokens

@@ -1,14 +1,15 @@
-"""The Search-R1 instruction template and chat rendering with the real SmolLM2 tokenizer."""
+"""The instruction template and chat rendering with the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 
 from rexrag_fast.agent.template import (
-    SEARCH_R1_TEMPLATE,
+    DEFAULT_TEMPLATE,
     build_instruction,
     encode_prompt,
     format_question,
+    load_template,
     render_messages,
 )
 
@@ -32,14 +33,24 @@ class _PlainTokenizer:
         return self.inner.encode(text, add_special_tokens=add_special_tokens)
 
 
-def test_template_text_matches_search_r1() -> None:
+def test_default_template_speaks_the_tag_protocol() -> None:
     text = build_instruction("  who founded Rome ")
-    assert text.startswith("Answer the given question. You must conduct reasoning inside <think> and </think> first")
-    assert "call a search engine by <search> query </search> and it will return the top searched results" in text
-    assert "You can search as many times as your want. " in text
-    assert "For example, <answer> Beijing </answer>. Question: who founded Rome?\n" in text
+    for tag in ("<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>",
+                "</answer>"):
+        assert tag in text, tag
     assert text.endswith("Question: who founded Rome?\n")
-    assert SEARCH_R1_TEMPLATE.count("{question}") == 1
+    assert DEFAULT_TEMPLATE.count("{question}") == 1
+
+
+def test_template_from_file(tmp_path) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("Use the tags. Q: {question}\n", encoding="utf-8")
+    assert build_instruction("why", template=load_template(str(f))) == "Use the tags. Q: why?\n"
+    f.write_text("no slot", encoding="utf-8")
+    with pytest.raises(ValueError, match="placeholder"):
+        load_template(str(f))
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_template(str(tmp_path / "missing.txt"))
 
 
 @pytest.mark.parametrize("q, out", [("x", "x?"), ("x?", "x?"), ("  is it? ", "is it?")])

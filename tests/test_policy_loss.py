@@ -140,11 +140,50 @@ def test_advantage_estimators(estimator, group_size, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", [dict(clip_ratio=0.2), dict(clip_ratio_low=0.2, clip_ratio_high=0.28),
-                                  dict(clip_ratio=0.1, clip_ratio_c=1.5), dict(clip_ratio=0.0, clip_ratio_c=10.0)],
-                         ids=["sym", "clip-higher", "tight-dual", "zero"])
+                                  dict(clip_ratio=0.1, clip_ratio_c=1.5), dict(clip_ratio=0.0, clip_ratio_c=10.0),
+                                  dict(clip_ratio=0.2, clip_ratio_c=None), dict(clip_ratio=0.2, log_ratio_clamp=5.0),
+                                  dict(clip_ratio=0.2, clip_ratio_c=None, log_ratio_clamp=None)],
+                         ids=["sym", "clip-higher", "tight-dual", "zero", "no-dual", "clamp-5", "rexrag-reference"])
 def test_clip_settings(clip, backend):
     b = make_batch(123, 5, 2, seed=4, binary_rewards=False)
     check_matches_reference(b, backend, **clip, **batch_kwargs(b, alpha=0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dual_clip_and_log_ratio_clamp_off_by_hand(backend):
+    """Two tokens of one sequence with A = -1 (per-token advantages), worked by hand:
+    token 0: lp - old = 1   -> ratio e, l = max(e, 0.8 clamp) = e; dual clip c = 2 caps it at 2;
+    token 1: lp - old = 25  -> clamp 20 gives ratio e^20, no clamp e^25; l = ratio, or c = 2 with the dual clip.
+    token-mean over 2 tokens; d l / d lp_t = ratio_t / 2 where the loss is not capped, 0 where it is."""
+    lp = torch.tensor([-1.0, -1.0])
+    old = torch.tensor([-2.0, -26.0])
+    mask = torch.ones(2, dtype=torch.bool)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
+    adv = torch.full((2,), -1.0)
+    cases = {  # (clip_ratio_c, log_ratio_clamp): (loss, grad)
+        (2.0, 20.0): ((2.0 + 2.0) / 2, [0.0, 0.0]),
+        (None, 20.0): ((math.e + math.exp(20)) / 2, [math.e / 2, 0.0]),  # clamped: no gradient past 20
+        (None, None): ((math.e + math.exp(25)) / 2, [math.e / 2, math.exp(25) / 2]),
+    }
+    for (c, m), (want_loss, want_grad) in cases.items():
+        for fn, kw in ((fused_policy_loss, dict(backend=backend)), (policy_loss_reference, {})):
+            x = lp.clone().requires_grad_()
+            loss, metrics = fn(x, old, mask, advantages=adv, cu_seqlens=cu, clip_ratio=0.2, clip_ratio_c=c,
+                               log_ratio_clamp=m, **kw)
+            loss.backward()
+            assert math.isclose(float(loss), want_loss, rel_tol=1e-5), (fn.__name__, c, m, float(loss))
+            assert torch.allclose(x.grad, torch.tensor(want_grad), rtol=1e-5), (fn.__name__, c, m, x.grad)
+            assert float(metrics["pg_clipfrac_lower"]) == (1.0 if c is not None else 0.0)
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, float("inf"), float("nan"), "3"])
+def test_clip_ratio_c_and_clamp_reject_bad_values(value):
+    b = make_batch(7, 2, 2)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        fused_policy_loss(b.lp, b.old, b.mask, clip_ratio_c=value, **batch_kwargs(b))
+    if value != 1.0 and value != 0.5:
+        with pytest.raises(ValueError, match="log_ratio_clamp"):
+            fused_policy_loss(b.lp, b.old, b.mask, log_ratio_clamp=value, **batch_kwargs(b))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -376,7 +415,8 @@ def build(fn, sig, consts):
 f = "*fp32"
 tok = {"lp_ptr": "*bf16", "old_ptr": "*bf16", "mask_ptr": "*i1", "adv_ptr": f, "ref_ptr": "*bf16",
        "probe_ptr": "*bf16", "cu_ptr": "*i32"}
-scal = {"T": "i32", "B": "i32", "lo_bound": "fp32", "hi_bound": "fp32", "clip_c": "fp32", "log1m_alpha": "fp32",
+scal = {"T": "i32", "B": "i32", "lo_bound": "fp32", "hi_bound": "fp32", "clip_c": "fp32", "ratio_clamp": "fp32",
+        "log1m_alpha": "fp32",
         "log_alpha": "fp32"}
 flags = {"ADV_PER_TOKEN": False, "HAS_REF": True, "HAS_PROBE": True, "KL_KIND": 3, "NEED_SEQ": True, "LOG2_B": 9,
          "BLOCK": 1024}

@@ -42,7 +42,7 @@ WEIGHT_DECAY = 0.01  # ActorConfig default
 # Small enough for a few seconds per step on a CPU: 4 questions x 2 rollouts, one search turn + the answer turn.
 TINY_RUN = [
     "model.path=tiny-qwen2", f"trainer.seed={SEED}", "trainer.max_steps=2", "trainer.save_every=1",
-    "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "rollout.n_agent=2", "rollout.max_turns=1",
+    "data.train_batch_size=4", "actor.ppo_mini_batch_size=4", "rollout.n_agent=2", "rollout.max_turns=1",
     "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
     "actor.max_tokens_per_micro_batch=1024", f"actor.lr={LR}", "algorithm.entropy_coeff=0.01",
     "trainer.tensorboard=false", "trainer.progress_bar=false",
@@ -157,7 +157,7 @@ def test_two_process_training_run(two_step_run: tuple[Path, str]) -> None:
                     "throughput/train_tokens_per_s", "memory/peak_bytes"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r.get(key))
         assert r["actor/grad_norm"] > 0 and r["actor/entropy"] > 0
-        assert r["actor/optimizer_steps"] == 2.0  # 4 prompts / ppo_mini_batch_size 2
+        assert r["actor/optimizer_steps"] == 2.0  # 4 prompts x n_agent 2 = 8 rows / ppo_mini_batch_size 4
         assert r["batch/train_sequences"] == 8.0  # 4 prompts x n_agent 2 (a random model never answers: no probes)
         assert 0.0 <= r["reward/mean"] <= 1.0
         assert r["memory/peak_bytes"] > 0
@@ -202,6 +202,10 @@ def test_rexrag_step_with_probes(tmp_path: Path) -> None:
     assert m["rexrag/error_rate"] == pytest.approx(0.5)  # one right, one wrong answer per question
     assert m["reward/mean"] == pytest.approx(0.5)
     assert m["batch/train_sequences"] == originals + len(probes)
+    # ceil((8 + probes) rows / ppo_mini_batch_size 4) >= 3, capped at the 2 groups each rank holds
+    assert m["actor/optimizer_steps"] == 2.0
+    assert m["rexrag/dead_ends"] == 4.0  # the wrong answer of each of the 4 questions
+    assert m["rexrag/kept_probe_source_group_reward"] == pytest.approx(0.5)  # one right, one wrong per group
     for key in ("actor/loss", "actor/pg_loss", "actor/is_weight_mean", "actor/kl", "actor/grad_norm"):
         assert math.isfinite(m[key]), key
     assert m["actor/pg_loss"] != 0.0  # rewards differ inside every group: a real policy gradient

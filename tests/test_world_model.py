@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rexrag_fast.agent.template import encode_prompt
+from rexrag_fast.agent.template import DEFAULT_TEMPLATE, encode_prompt
 from rexrag_fast.data.world import World, default_world_dir
 from rexrag_fast.train.world_model import (
     SPECIAL_TOKENS,
@@ -49,7 +49,7 @@ def test_round_trip_and_names_are_short(world, tokenizer):
 def test_chatml_prompt(tokenizer):
     ids = encode_prompt("Where was Gamir Trinucynd born?", tokenizer)
     text = tokenizer.decode(ids)
-    assert text.startswith("<|im_start|>user\nAnswer the given question.")
+    assert text.startswith("<|im_start|>user\n" + DEFAULT_TEMPLATE.split("{question}")[0])
     assert text.endswith("Question: Where was Gamir Trinucynd born?\n<|im_end|>\n<|im_start|>assistant\n")
 
 

@@ -92,8 +92,8 @@ def _kernel_seconds(b: dict[str, torch.Tensor], repeats: int = 50) -> float:
     alpha = OPTIONS["alpha"]
     terms = dict(adv_seq=adv, adv_tok=None, ref=flat["ref"], probe=flat["probe"],
                  lo_bound=1 - OPTIONS["clip_ratio"], hi_bound=1 + OPTIONS["clip_ratio"],
-                 clip_c=OPTIONS["clip_ratio_c"], log1m_alpha=math.log1p(-alpha), log_alpha=math.log(alpha),
-                 kl_kind="k3")
+                 clip_c=OPTIONS["clip_ratio_c"], ratio_clamp=20.0, log1m_alpha=math.log1p(-alpha),
+                 log_alpha=math.log(alpha), kl_kind="k3")
 
     def once() -> None:
         _, weight, _ = kernels.policy_loss_forward(flat["lp"], flat["old"], flat["mask"], cu, **terms,

@@ -26,7 +26,7 @@ from typing import Any
 
 from rexrag_fast.agent.loop import AgentConfig, run_agent_loop
 from rexrag_fast.agent.reward import exact_match, f1_score
-from rexrag_fast.agent.template import SEARCH_R1_TEMPLATE, encode_prompt
+from rexrag_fast.agent.template import DEFAULT_TEMPLATE, encode_prompt
 
 
 @dataclass
@@ -94,7 +94,7 @@ def evaluate(
     *,
     tokenizer: Any = None,
     batch_size: int = 64,
-    template: str = SEARCH_R1_TEMPLATE,
+    template: str = DEFAULT_TEMPLATE,
     use_chat_template: bool = True,
     progress: bool = True,
 ) -> list[EvalRecord]:
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_per_turn=args.max_tokens_per_turn, max_response_tokens=args.max_response_tokens,
         temperature=args.temperature, seed=args.seed,
     )
-    template = args.template.read_text(encoding="utf-8") if args.template is not None else SEARCH_R1_TEMPLATE
+    template = args.template.read_text(encoding="utf-8") if args.template is not None else DEFAULT_TEMPLATE
     examples = load_examples(args.data, args.n)
     if not examples:
         raise SystemExit("no examples to evaluate")

@@ -16,13 +16,16 @@ one turn per step:
 3. the queries of all trajectories go to the retriever in ONE call, `retriever.retrieve(queries, topk)`;
    each result becomes "\\n\\n<information>{passages}</information>\\n\\n", tokenised and cut to
    `max_obs_tokens` tokens (as Search-R1 does, the cut may drop the closing tag), and an invalid action
-   gets Search-R1's invalid-action message; both are appended and the next turn continues with
-   `engine.extend`, so the KV of everything before is reused from the prefix cache.
+   gets the invalid-action message (`AgentConfig.invalid_action_message`); both are appended and the next
+   turn continues with `engine.extend`, so the KV of everything before is reused from the prefix cache.
 
-Turns: as in Search-R1, `max_turns` turns may search; then one final turn runs with searching off. With
-`force_answer=True` (default) that final turn stops only at `</answer>` (or EOS / limits) and only an
-answer counts, so the model gets its whole final turn to answer; a trajectory without an answer after it
-ends with status "max_turns".
+Turns: as in Search-R1, `max_turns` turns may search; then one final turn runs with searching off.
+By default (`force_answer=False`, the reference's rule) that final turn stops at the first complete
+`</search>` or `</answer>`, like every turn: an answer counts, a search is not run and leaves the
+trajectory without an answer (status "max_turns", reward 0), and nothing after the stop is generated, so
+nothing after it is trained on. With `force_answer=True` (this project's variant) the final turn stops only
+at `</answer>` (or EOS / limits) and the first answer in it counts, whatever the model wrote before it,
+including a search and any <information> it invented.
 
 Continuing from a fork point (REX-RAG probes). The REX-RAG sampler builds a started trajectory with
 
@@ -52,12 +55,23 @@ from rexrag_fast.retrieval.retriever import Retriever
 
 INFORMATION_TEMPLATE = "\n\n<information>{}</information>\n\n"
 INVALID_ACTION_MESSAGE = (
-    "\nMy previous action is invalid. "
-    "If I want to search, I should put the query between <search> and </search>. "
-    "If I want to give the final answer, I should put the answer between <answer> and </answer>. "
-    "Let me try again.\n"
+    "\nThat was not a valid action: a search goes between <search> and </search>, a final answer between "
+    "<answer> and </answer>. Trying again.\n"
 )
-"""Search-R1's invalid-action observation, word for word."""
+"""The project's invalid-action observation (same tags as the protocol); a run can load its own text."""
+
+
+def load_invalid_action_message(path: str) -> str:
+    """The invalid-action observation read verbatim from the UTF-8 text file `path` (not empty)."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"invalid-action message file {path!r} cannot be read: {e.strerror or e}") from None
+    if not text:
+        raise ValueError(f"invalid-action message file {path!r} is empty")
+    return text
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,8 @@ class AgentConfig:
         (generated and inserted); a trajectory that reaches it ends with status "length".
     temperature / top_p / top_k: sampling (temperature 0 = greedy). seed: None -> the engine's RNG;
         else request seeds derived from (seed, item index, turn, current length): reproducible runs.
-    force_answer: final turn stops only at </answer> and accepts only an answer.
+    force_answer: False (default, the reference): the final turn stops at </search> or </answer> like any
+        turn and a search there ends without an answer; True: it stops only at </answer>, any answer counts.
     empty_query_invalid: treat `<search></search>` as an invalid action (Search-R1 searches for "").
     """
 
@@ -84,7 +99,7 @@ class AgentConfig:
     top_p: float = 1.0
     top_k: int = -1
     seed: int | None = None
-    force_answer: bool = True
+    force_answer: bool = False
     empty_query_invalid: bool = False
     information_template: str = INFORMATION_TEMPLATE
     invalid_action_message: str = INVALID_ACTION_MESSAGE

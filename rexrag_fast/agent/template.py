@@ -1,27 +1,41 @@
-"""The Search-R1 instruction template and the chat wrapping of the first prompt.
+"""The instruction template of the search protocol and the chat wrapping of the first prompt.
 
-Search-R1 (scripts/data_process/nq_search.py, template_type "base") puts the whole protocol in one user
-message: reason in <think>, search with <search> query </search>, read <information>, answer with
-<answer> ... </answer>. The question is stripped and gets a trailing "?" when it has none. verl's dataset
-then renders that message with the tokenizer's chat template (add_generation_prompt=True) when the
-tokenizer has one, and uses the bare text otherwise; `encode_prompt` does the same.
+As in Search-R1, the whole protocol is one user message: reason in <think>, search with
+<search> query </search>, read <information>, answer with <answer> ... </answer>. The question is stripped
+and gets a trailing "?" when it has none. verl's dataset then renders that message with the tokenizer's
+chat template (add_generation_prompt=True) when the tokenizer has one, and uses the bare text otherwise;
+`encode_prompt` does the same.
+
+DEFAULT_TEMPLATE is the project's own wording of that protocol. To reproduce a reference run token for
+token, use the reference's prompts: Search-R1 parquet files carry the rendered instruction in `prompt`
+(used as is), and `data.prompt_template: FILE` replaces this text for questions without one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SEARCH_R1_TEMPLATE = (
-    "Answer the given question. "
-    "You must conduct reasoning inside <think> and </think> first every time you get new information. "
-    "After reasoning, if you find you lack some knowledge, you can call a search engine by <search> query "
-    "</search> and it will return the top searched results between <information> and </information>. "
-    "You can search as many times as your want. "
-    "If you find no further external knowledge needed, you can directly provide the answer inside <answer> "
-    "and </answer>, without detailed illustrations. For example, <answer> Beijing </answer>. "
+DEFAULT_TEMPLATE = (
+    "Answer the question below. Each time new information arrives, think it through inside <think> and "
+    "</think> first. When you are missing a fact, write a query as <search> query </search>; the results "
+    "come back between <information> and </information>. Search as often as you need. When you know the "
+    "answer, give only the answer inside <answer> and </answer>, for example <answer> Paris </answer>. "
     "Question: {question}\n"
 )
-"""Search-R1's "base" instruction text (its typos kept: prompts must match the reference token for token)."""
+"""The project's instruction text for the tag protocol; `{question}` is replaced by the question."""
+
+
+def load_template(path: str) -> str:
+    """An instruction template read from the text file `path` (UTF-8); it must contain `{question}`."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"prompt template file {path!r} cannot be read: {e.strerror or e}") from None
+    if "{question}" not in text:
+        raise ValueError(f"prompt template file {path!r} must contain the placeholder '{{question}}'")
+    return text
 
 
 def format_question(question: str) -> str:
@@ -32,7 +46,7 @@ def format_question(question: str) -> str:
     return question if question.endswith("?") else question + "?"
 
 
-def build_instruction(question: str, template: str = SEARCH_R1_TEMPLATE) -> str:
+def build_instruction(question: str, template: str = DEFAULT_TEMPLATE) -> str:
     """The user message: `template` with `{question}` replaced by the cleaned-up question."""
     if "{question}" not in template:
         raise ValueError(f"template must contain the placeholder '{{question}}', got {template[:80]!r}...")
@@ -63,7 +77,7 @@ def encode_prompt(
     tokenizer: Any = None,
     *,
     messages: list[dict[str, str]] | None = None,
-    template: str = SEARCH_R1_TEMPLATE,
+    template: str = DEFAULT_TEMPLATE,
     use_chat_template: bool = True,
 ) -> list[int]:
     """Token ids [P] of the first prompt: from `messages` if given, else from `question` and `template`.

@@ -208,17 +208,19 @@ def compute_policy_loss(
     cliprange: float | None = None,
     cliprange_low: float | None = None,
     cliprange_high: float | None = None,
-    clip_ratio_c: float = 3.0,
+    clip_ratio_c: float | None = 3.0,
     loss_agg_mode: str = "token-mean",
     loss_scale_factor: float | None = None,
+    log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vanilla PPO clipped policy loss with dual clip (verl `compute_policy_loss`).
 
-        d      = clamp(log_prob - old_log_prob, -20, 20),   ratio = exp(d)
+        d      = clamp(log_prob - old_log_prob, -m, m),   ratio = exp(d)    (m = log_ratio_clamp, None: d unclamped)
         l1     = -A * ratio,   l2 = -A * clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
         lclip  = max(l1, l2)
         l3     = -A * clip_ratio_c
-        loss_t = min(l3, lclip) if A < 0 else lclip          (dual clip, arXiv 1912.09729)
+        loss_t = min(l3, lclip) if A < 0 else lclip          (dual clip, arXiv 1912.09729; clip_ratio_c None:
+                                                              loss_t = lclip, the older verl loss REX-RAG uses)
         pg_loss          = agg_loss(loss_t, response_mask, loss_agg_mode)
         pg_clipfrac      = masked_mean(l2 > l1)
         ppo_kl           = masked_mean(-d)
@@ -227,14 +229,16 @@ def compute_policy_loss(
     Args: old_log_prob, log_prob, advantages, response_mask: [B, L]; cliprange_low/high default to cliprange.
     Returns: (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower), 0-d tensors.
     """
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1.0, got {clip_ratio_c}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1.0 (or None: no dual clip), got {clip_ratio_c}")
     cliprange_low = cliprange if cliprange_low is None else cliprange_low
     cliprange_high = cliprange if cliprange_high is None else cliprange_high
     if cliprange_low is None or cliprange_high is None:
         raise ValueError("cliprange: give cliprange, or both cliprange_low and cliprange_high")
 
-    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    negative_approx_kl = log_prob - old_log_prob
+    if log_ratio_clamp is not None:
+        negative_approx_kl = torch.clamp(negative_approx_kl, min=-log_ratio_clamp, max=log_ratio_clamp)
     ratio = torch.exp(negative_approx_kl)
     ppo_kl = masked_mean(-negative_approx_kl, response_mask)
 
@@ -243,6 +247,9 @@ def compute_policy_loss(
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
     pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
 
+    if clip_ratio_c is None:
+        pg_loss = agg_loss(clip_pg_losses1, response_mask, loss_agg_mode, loss_scale_factor=loss_scale_factor)
+        return pg_loss, pg_clipfrac, ppo_kl, torch.zeros_like(pg_clipfrac)
     pg_losses3 = -advantages * clip_ratio_c
     clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
     pg_clipfrac_lower = masked_mean(

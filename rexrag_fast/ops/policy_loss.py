@@ -6,14 +6,17 @@ Per token t of sequence s (only tokens with response_mask = 1 count):
             or the given per-token `advantages`
     beh_t = log((1 - alpha) exp(old_t) + alpha exp(probe_t))
           = logaddexp(old_t + log(1 - alpha), probe_t + log(alpha))      (beh_t = old_t when alpha = 0)
-    d_t   = clamp(lp_t - beh_t, -20, 20),   r_t = exp(d_t)
-    l_t   = dual-clipped PPO loss of (r_t, A_s) with [1 - clip_ratio_low, 1 + clip_ratio_high] and c
+    d_t   = clamp(lp_t - beh_t, -m, m),   r_t = exp(d_t)            (m = log_ratio_clamp; None: no clamp)
+    l_t   = PPO loss of (r_t, A_s) clipped to [1 - clip_ratio_low, 1 + clip_ratio_high], dual-clipped at
+            c = clip_ratio_c for A_s < 0 (None: no dual clip)
     k_t   = KL estimate of (lp_t, ref_t) (kl_type), only with ref_logprobs
     loss  = agg(l) + kl_coef * agg(k)                                     (verl's use_kl_loss)
 
-REX-RAG (MiliLab/REX-RAG, dp_actor.update_policy) replaces old_log_prob by this mixture for every token
-before calling the unchanged PPO loss: originals and probes share one clip. On original trajectories
-probe_t = -inf, so beh_t = old_t + log(1 - alpha); on probe trajectories probe_t = log mu_t.
+REX-RAG (MiliLab/REX-RAG, dp_actor.update_policy) replaces old_log_prob by this mixture for every token,
+so originals and probes share one clip. On original trajectories probe_t = -inf, so
+beh_t = old_t + log(1 - alpha); on probe trajectories probe_t = log mu_t. Its PPO loss is the older verl
+one: no dual clip and no clamp of the log-ratio (clip_ratio_c=None, log_ratio_clamp=None here; the
+REX-RAG configs set both). With the dual clip off, c is +inf: the bound -A c is +inf and never binds.
 
 Backends: "triton" runs kernels/policy_loss.py: a one-launch per-sequence pre-pass for the group
 advantages, one pass over the tokens forward plus a one-program finalize (loss, metrics, backward
@@ -54,7 +57,8 @@ class _LossConfig:
 
     lo_bound: float  # 1 - clip_ratio_low
     hi_bound: float  # 1 + clip_ratio_high
-    clip_c: float
+    clip_c: float  # +inf: no dual clip
+    ratio_clamp: float  # |lp - beh| bound before exp; +inf: no clamp
     log1m_alpha: float  # log(1 - alpha)
     log_alpha: float  # log(alpha)
     kl_coef: float
@@ -158,10 +162,10 @@ def _token_inputs(lp, old, cu, width, adv_seq, adv_tok, ref, probe, clip_c: floa
 
 
 def _log_ratio(lp, old, probe, cfg: _LossConfig):
-    """(beh, d_raw, d, ratio); d = clamp(lp - beh, -20, 20), ratio = exp(d)."""
+    """(beh, d_raw, d, ratio); d = clamp(lp - beh, -m, m) (m = cfg.ratio_clamp, +inf: none), ratio = exp(d)."""
     beh = old if probe is None else torch.logaddexp(old + cfg.log1m_alpha, probe + cfg.log_alpha)
     d_raw = lp - beh
-    d = d_raw.clamp(-core_algos.LOG_RATIO_CLAMP, core_algos.LOG_RATIO_CLAMP)
+    d = d_raw.clamp(-cfg.ratio_clamp, cfg.ratio_clamp)
     return beh, d_raw, d, torch.exp(d)
 
 
@@ -205,7 +209,7 @@ def _torch_backward(lp, old, mask, cu, width, adv_seq, adv_tok, ref, probe, grad
     """d loss / d lp [T] in lp's dtype, recomputed from the inputs, with torch.autograd's conventions:
     clamp passes the gradient on its closed interval, max/min split it in half on ties, d|x|/dx = sign(x).
 
-        d lc / d lp = -A * ratio * [|lp - beh| <= 20] * (w1 + w2 * [lo <= ratio <= hi]),
+        d lc / d lp = -A * ratio * [|lp - beh| <= m] * (w1 + w2 * [lo <= ratio <= hi]),
         w1 = (1 + s) / 2, w2 = (1 - s) / 2, s = sign(l1 - l2)
         d l / d lp  = d lc / d lp * (1 - sign(lc - bound)) / 2        (1 where A >= 0: bound = +inf)
     """
@@ -284,8 +288,8 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
             loss, weight, metrics = kernels.policy_loss_forward(
                 lp, old, mask, cu, adv_seq=adv_seq, adv_tok=adv_tok, ref=ref, probe=probe,
-                lo_bound=cfg.lo_bound, hi_bound=cfg.hi_bound, clip_c=cfg.clip_c, log1m_alpha=cfg.log1m_alpha,
-                log_alpha=cfg.log_alpha, kl_kind=cfg.kl_kind, kl_coef=cfg.kl_coef,
+                lo_bound=cfg.lo_bound, hi_bound=cfg.hi_bound, clip_c=cfg.clip_c, ratio_clamp=cfg.ratio_clamp,
+                log1m_alpha=cfg.log1m_alpha, log_alpha=cfg.log_alpha, kl_kind=cfg.kl_kind, kl_coef=cfg.kl_coef,
                 agg_mode=cfg.agg_mode, scale=scale)
         else:
             per_seq = cfg.agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean")
@@ -308,7 +312,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
             dlp = kernels.policy_loss_backward(
                 lp, old, mask, cu, grad_loss, weight.contiguous(), adv_seq=adv_seq, adv_tok=adv_tok, ref=ref,
                 probe=probe, lo_bound=cfg.lo_bound, hi_bound=cfg.hi_bound, clip_c=cfg.clip_c,
-                log1m_alpha=cfg.log1m_alpha, log_alpha=cfg.log_alpha, kl_coef=cfg.kl_coef,
+                ratio_clamp=cfg.ratio_clamp, log1m_alpha=cfg.log1m_alpha, log_alpha=cfg.log_alpha, kl_coef=cfg.kl_coef,
                 kl_kind=cfg.kl_kind, kl_straight=cfg.kl_straight, weight_per_seq=ctx.weight_per_seq)
         else:
             dlp = _torch_backward(lp, old, mask, cu, ctx.width, adv_seq, adv_tok, ref, probe, grad_loss, weight, cfg,
@@ -324,8 +328,8 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c, adv_estimator,
-                   loss_agg_mode, kl_coef, epsilon) -> _LossConfig:
+def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp,
+                   adv_estimator, loss_agg_mode, kl_coef, epsilon) -> _LossConfig:
     if kl_type not in core_algos.KL_TYPES_ALL:
         raise ValueError(f"kl_type: expected one of {core_algos.KL_TYPES_ALL}, got {kl_type!r}")
     core_algos.get_adv_estimator_fn(adv_estimator)  # ValueError naming the registered estimators
@@ -338,15 +342,20 @@ def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, 
     for name, value in (("clip_ratio_low", low), ("clip_ratio_high", high)):
         if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
             raise ValueError(f"{name}: expected a finite clip range >= 0, got {value!r}")
-    if not (_is_number(clip_ratio_c) and 1.0 < clip_ratio_c < math.inf):
-        raise ValueError(f"clip_ratio_c: the dual-clip bound must be a finite number > 1.0, got {clip_ratio_c!r}")
+    if not (clip_ratio_c is None or (_is_number(clip_ratio_c) and 1.0 < clip_ratio_c < math.inf)):
+        raise ValueError(f"clip_ratio_c: the dual-clip bound must be a finite number > 1.0, or None for no dual "
+                         f"clip, got {clip_ratio_c!r}")
+    if not (log_ratio_clamp is None or (_is_number(log_ratio_clamp) and 0.0 < log_ratio_clamp < math.inf)):
+        raise ValueError(f"log_ratio_clamp: expected a finite number > 0, or None for no clamp, "
+                         f"got {log_ratio_clamp!r}")
     if not (_is_number(kl_coef) and math.isfinite(kl_coef)):
         raise ValueError(f"kl_coef: expected a finite number, got {kl_coef!r}")
     # epsilon divides the advantage of a group whose rewards are all equal (std 0): 0 or NaN gives 0/0.
     if not (_is_number(epsilon) and 0.0 < epsilon < math.inf):
         raise ValueError(f"epsilon: expected a finite number > 0 (the GRPO std guard), got {epsilon!r}")
     return _LossConfig(
-        lo_bound=1 - low, hi_bound=1 + high, clip_c=float(clip_ratio_c),
+        lo_bound=1 - low, hi_bound=1 + high, clip_c=math.inf if clip_ratio_c is None else float(clip_ratio_c),
+        ratio_clamp=math.inf if log_ratio_clamp is None else float(log_ratio_clamp),
         log1m_alpha=math.log1p(-alpha), log_alpha=math.log(alpha) if alpha > 0 else -math.inf,
         kl_coef=float(kl_coef), kl_kind=_KL_KIND[kl_type.removesuffix("+")], kl_straight=kl_type.endswith("+"),
         agg_mode=loss_agg_mode)
@@ -463,7 +472,8 @@ def fused_policy_loss(
     clip_ratio: float = 0.2,
     clip_ratio_low: float | None = None,
     clip_ratio_high: float | None = None,
-    clip_ratio_c: float = 3.0,
+    clip_ratio_c: float | None = 3.0,
+    log_ratio_clamp: float | None = core_algos.LOG_RATIO_CLAMP,
     adv_estimator: str = "grpo",
     norm_adv_by_std: bool = True,
     epsilon: float = 1e-6,
@@ -494,7 +504,9 @@ def fused_policy_loss(
         probe_logprobs, alpha: REX-RAG correction, log mu per token (-inf on originals), probe share alpha
             in [0, 1). alpha = 0 ignores probe_logprobs and is exactly the plain PPO/GRPO loss.
         clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c: ratio clipped to
-            [1 - low, 1 + high] (both default to clip_ratio); dual clip at c > 1 for negative advantages.
+            [1 - low, 1 + high] (both default to clip_ratio); dual clip at c > 1 for negative advantages,
+            None for none (the REX-RAG reference's loss).
+        log_ratio_clamp: |lp - beh| clamped to this before exp (verl: 20); None: no clamp (the reference).
         epsilon: GRPO std guard, finite and > 0 (grpo divides by std + epsilon; std is 0 in a group of
             equal rewards).
         loss_agg_mode: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm.
@@ -528,7 +540,7 @@ def fused_policy_loss(
     not 0/1.
     """
     cfg = _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c,
-                         adv_estimator, loss_agg_mode, kl_coef, epsilon)
+                         log_ratio_clamp, adv_estimator, loss_agg_mode, kl_coef, epsilon)
     if alpha > 0 and probe_logprobs is None:
         raise ValueError("probe_logprobs: required when alpha > 0 (log mu per token, -inf on original tokens)")
     check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES)
@@ -586,7 +598,8 @@ def policy_loss_reference(
     clip_ratio: float = 0.2,
     clip_ratio_low: float | None = None,
     clip_ratio_high: float | None = None,
-    clip_ratio_c: float = 3.0,
+    clip_ratio_c: float | None = 3.0,
+    log_ratio_clamp: float | None = core_algos.LOG_RATIO_CLAMP,
     adv_estimator: str = "grpo",
     norm_adv_by_std: bool = True,
     epsilon: float = 1e-6,
@@ -621,9 +634,10 @@ def policy_loss_reference(
 
     pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = core_algos.compute_policy_loss(
         beh, lp, adv, mask, cliprange=clip_ratio, cliprange_low=clip_ratio_low, cliprange_high=clip_ratio_high,
-        clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode, loss_scale_factor=loss_scale_factor)
+        clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode, loss_scale_factor=loss_scale_factor,
+        log_ratio_clamp=log_ratio_clamp)
     with torch.no_grad():
-        log_ratio = torch.clamp(lp - beh, -core_algos.LOG_RATIO_CLAMP, core_algos.LOG_RATIO_CLAMP)
+        log_ratio = lp - beh if log_ratio_clamp is None else torch.clamp(lp - beh, -log_ratio_clamp, log_ratio_clamp)
         ratio_mean = core_algos.masked_mean(torch.exp(log_ratio), mask)
         is_weight_mean = core_algos.masked_mean(torch.exp(old - beh), mask)
     loss = pg_loss

@@ -5,11 +5,14 @@ block on its own. A probe draws one prompt uniformly from the pool. The same tok
 the probe are the ones the probe distribution's prefix trie is built from (`tokenize_prompts`), so the
 inserted span of every probe is a path in that trie.
 
-A user pool is a YAML or JSON file holding a plain list of strings.
+A user pool is a YAML or JSON file holding a plain list of strings, or a Python file whose first top-level
+list or tuple literal (bare, or assigned to a name) is the pool: it is read with `ast.literal_eval`, never
+executed, so a file copied from another project's source can be pointed at directly.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,19 +93,40 @@ def validate_prompts(prompts: Any, source: str = "prompts") -> tuple[str, ...]:
 
 
 def load_prompt_pool(path: str | Path) -> tuple[str, ...]:
-    """Read a user pool from a `.yaml`/`.yml` or `.json` file holding a list of strings, validated."""
+    """Read a user pool from a `.yaml`/`.yml` or `.json` file holding a list of strings, or a `.py` file
+    holding a list literal (`_literal_list_in_python`), validated."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise ValueError(f"prompt pool {path}: expected a .yaml, .yml or .json file, got suffix {suffix!r}")
+    if suffix not in (".yaml", ".yml", ".json", ".py"):
+        raise ValueError(f"prompt pool {path}: expected a .yaml, .yml, .json or .py file, got suffix {suffix!r}")
     if not path.is_file():
         raise FileNotFoundError(f"prompt pool {path}: no such file")
     text = path.read_text(encoding="utf-8")
+    if suffix == ".py":
+        return validate_prompts(_literal_list_in_python(text, path), source=str(path))
     try:
         data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"prompt pool {path}: cannot parse {suffix[1:].upper()}: {err}") from err
     return validate_prompts(data, source=str(path))
+
+
+def _literal_list_in_python(text: str, path: Path) -> list[Any]:
+    """The first top-level list/tuple literal of Python source `text` (an expression statement or the value
+    of an assignment), evaluated with ast.literal_eval: the file is parsed, never run."""
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError as err:
+        raise ValueError(f"prompt pool {path}: not valid Python: {err}") from err
+    for node in tree.body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign, ast.Expr)) else None
+        if isinstance(value, (ast.List, ast.Tuple)):
+            try:
+                return list(ast.literal_eval(value))
+            except ValueError as err:
+                raise ValueError(f"prompt pool {path}: line {value.lineno}: the list must be a literal of "
+                                 f"strings ({err})") from err
+    raise ValueError(f"prompt pool {path}: no top-level list or tuple literal found")
 
 
 def resolve_prompt_pool(path: str | Path | None = None) -> tuple[str, ...]:

@@ -72,6 +72,10 @@ class DataConfig:
     max_response_length: int = 500  # tokens generated per turn
     max_obs_length: int = 500  # tokens of retrieved <information> kept per turn
     shuffle: bool = True
+    # instruction template file (UTF-8, with {question}) for questions that do not carry a rendered prompt
+    # (Search-R1 parquet rows do); None: the project's own agent.template.DEFAULT_TEMPLATE
+    prompt_template: str | None = None
+    val_max_examples: int = 0  # validation questions scored every trainer.test_freq steps; 0: all of them
 
 
 @dataclass
@@ -96,6 +100,10 @@ class RolloutConfig:
     kv_block_size: int = 16
     gpu_memory_utilization: float = 0.8
     use_prefix_cache: bool = True
+    # the final (non-searching) turn: False stops it at </search> or </answer> like the reference (a search
+    # there leaves no answer); True generates on to </answer> and scores the first answer (this project's variant)
+    force_answer: bool = False
+    invalid_action_message: str | None = None  # text file of the invalid-action observation; None: the project's
 
 
 @dataclass
@@ -105,6 +113,9 @@ class RexRagConfig:
     revision_prob: float = 20.0  # percent chance that a dead-end trajectory gets probes (reference units)
     keep_ratio: float = 0.08  # upper bound of the share of probe trajectories kept in the batch
     keep_ratio_ewm_alpha: float = 0.1  # smoothing of the running probe-accuracy average
+    # exploratory prompts: a YAML/JSON list of strings, or a .py file whose literal list is read with
+    # ast.literal_eval (never executed); None: the project's own pool (rexrag.prompts)
+    prompt_pool: str | None = None
 
 
 @dataclass
@@ -120,7 +131,8 @@ class AlgorithmConfig:
     kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
-    clip_ratio_c: float = 3.0  # dual-clip constant, > 1
+    clip_ratio_c: float | None = 3.0  # dual-clip constant, > 1; null: no dual clip (the REX-RAG reference)
+    log_ratio_clamp: float | None = 20.0  # |log pi - log pi_beh| bound before exp; null: none (the reference)
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     entropy_coeff: float = 0.0
     rexrag: RexRagConfig = field(default_factory=RexRagConfig)
@@ -136,7 +148,9 @@ class ActorConfig:
     lr_warmup_steps_ratio: float = 0.0
     grad_clip: float = 1.0
     ppo_epochs: int = 1
-    ppo_mini_batch_size: int = 256  # prompts per optimizer step (x n_agent trajectories)
+    # rows per optimizer step, counted as the reference does after the n_agent copies: the step's kept
+    # trajectories (originals and probes, all ranks) / ppo_mini_batch_size, rounded up, optimizer steps per epoch
+    ppo_mini_batch_size: int = 256
     max_tokens_per_micro_batch: int = 24000  # packing budget per forward/backward
     shuffle: bool = False
     use_fused_kernels: bool = True  # False: the eager PyTorch log-prob and loss path, for comparison
@@ -179,6 +193,7 @@ class TrainerConfig:
     experiment_name: str = "run"  # wandb run name / mlflow run name
     tensorboard: bool = True  # false drops tensorboard from trainer.logger (older configs)
     progress_bar: bool = True
+    test_freq: int = 0  # steps between held-out evaluations (val/em); 0 or -1: none
 
 
 @dataclass
@@ -479,7 +494,10 @@ def _check_values(cfg: Config) -> list[str]:
     need(a.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0, got {a.kl_coef}")
     need(0 <= a.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"must be in [0, 1), got {a.clip_ratio_low}")
     need(a.clip_ratio_high >= 0, "algorithm.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
-    need(a.clip_ratio_c > 1, "algorithm.clip_ratio_c", f"must be > 1, got {a.clip_ratio_c}")
+    need(a.clip_ratio_c is None or a.clip_ratio_c > 1, "algorithm.clip_ratio_c",
+         f"must be > 1 (or null: no dual clip), got {a.clip_ratio_c}")
+    need(a.log_ratio_clamp is None or a.log_ratio_clamp > 0, "algorithm.log_ratio_clamp",
+         f"must be > 0 (or null: no clamp), got {a.log_ratio_clamp}")
     need(a.entropy_coeff >= 0, "algorithm.entropy_coeff", f"must be >= 0, got {a.entropy_coeff}")
     x = a.rexrag
     need(0 <= x.revision_prob <= 100, "algorithm.rexrag.revision_prob",
@@ -496,9 +514,10 @@ def _check_values(cfg: Config) -> list[str]:
     need(ac.grad_clip > 0, "actor.grad_clip", f"must be > 0, got {ac.grad_clip}")
     need(ac.ppo_epochs >= 1, "actor.ppo_epochs", f"must be >= 1, got {ac.ppo_epochs}")
     need(ac.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", f"must be >= 1, got {ac.ppo_mini_batch_size}")
-    need(ac.ppo_mini_batch_size <= d.train_batch_size and d.train_batch_size % max(ac.ppo_mini_batch_size, 1) == 0,
-         "actor.ppo_mini_batch_size",
-         f"must divide data.train_batch_size ({d.train_batch_size}), got {ac.ppo_mini_batch_size}")
+    rows = d.train_batch_size * rv.n_agent
+    need(ac.ppo_mini_batch_size <= rows and rows % max(ac.ppo_mini_batch_size, 1) == 0, "actor.ppo_mini_batch_size",
+         f"counts rows (trajectories) and must divide data.train_batch_size x rollout.n_agent ({rows}), "
+         f"got {ac.ppo_mini_batch_size}")
     longest = d.max_prompt_length + d.max_response_length
     need(ac.max_tokens_per_micro_batch >= longest, "actor.max_tokens_per_micro_batch",
          f"must hold one whole trajectory (data.max_prompt_length + data.max_response_length = {longest}), "
@@ -520,6 +539,8 @@ def _check_values(cfg: Config) -> list[str]:
     need(t.save_every >= 0, "trainer.save_every", f"must be >= 0, got {t.save_every}")
     need(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
     need(t.log_every >= 1, "trainer.log_every", f"must be >= 1, got {t.log_every}")
+    need(d.val_max_examples >= 0, "data.val_max_examples", f"must be >= 0 (0: all), got {d.val_max_examples}")
+    need(t.test_freq >= -1, "trainer.test_freq", f"must be >= 1, or 0 / -1 for no validation, got {t.test_freq}")
     return p
 
 

@@ -13,7 +13,14 @@
    warm start (configs/demo_cpu.yaml through `rexrag-fast train`, one subprocess per run, --resume: an
    interrupted run continues from its checkpoint when the demo is run again), then EM of each final model;
 5. a table, <out>/demo.json and <out>/demo.png (training reward per step for both methods; held-out EM
-   before and after).
+   before and after, and the in-training validation val/em every trainer.test_freq steps).
+
+What REX-RAG did is in the table: per run, the dead ends (originals with reward < 1), probes made and kept,
+the kept probes' accuracy, the mean probe share alpha, and the kept probes' mean reward against the mean
+reward of the groups they were forked from. Held-out EM is split into the question type the warm start
+taught as dead ends (1-hop: `--dead-end-rate` of its demonstrations answer a wrong guess without search)
+and the rest. The learning claims (does EM rise, does REX-RAG beat GRPO) are read from this report over
+several seeds (`--seeds 0 1 2`); one seed of a few RL steps is noise, so no test asserts them.
 
 Default model ("world-small"): a 2-layer Qwen2 (hidden 128, 1.5M parameters) with the world's own 8k BPE
 tokenizer (`world_model`): with SmolLM2's 49k vocabulary the invented names take ~5.4 tokens each, the
@@ -57,8 +64,22 @@ def build_model(name: str, tokenizer: Any, seed: int = 0) -> tuple[Any, dict[str
     raise ValueError(f"--model must be {WORLD_SMALL!r} or {SMOLLM2!r}, got {name!r}")
 
 
-def eval_em(model_dir: Path, examples: list[Any], retriever: Any, cfg: Any, progress: bool) -> float:
-    """Greedy EM of the checkpoint in `model_dir` on `examples` with the config's agent limits."""
+DEAD_END_SOURCE = "world_1hop"  # the question type whose demonstrations include dead ends
+
+
+def split_em(records: list[tuple[str, float]]) -> dict[str, float]:
+    """{"all", "dead_end_type", "rest"}: mean EM of (data_source, em) pairs [N], overall, on the question
+    type the warm start taught as dead ends, and on the others (0.0 for an empty part)."""
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
+    return {"all": mean([em for _, em in records]),
+            "dead_end_type": mean([em for s, em in records if s == DEAD_END_SOURCE]),
+            "rest": mean([em for s, em in records if s != DEAD_END_SOURCE])}
+
+
+def eval_em(model_dir: Path, examples: list[Any], retriever: Any, cfg: Any, progress: bool) -> dict[str, float]:
+    """Greedy EM of the checkpoint in `model_dir` on `examples` with the config's agent limits (`split_em`)."""
     import torch
 
     from rexrag_fast.agent.eval_command import evaluate
@@ -72,7 +93,7 @@ def eval_em(model_dir: Path, examples: list[Any], retriever: Any, cfg: Any, prog
     engine = LLMEngine(model, tokenizer=tokenizer, config=EngineConfig(num_blocks=2048, block_size=16,
                                                                        max_num_seqs=32, device="cpu"))
     records = evaluate(engine, retriever, examples, agent, tokenizer=tokenizer, batch_size=32, progress=progress)
-    return sum(r.em for r in records) / len(records)
+    return split_em([(r.data_source, r.em) for r in records])
 
 
 def run_rl(config_path: Path, warm_dir: Path, method: str, seed: int, steps: int, out_dir: Path) -> int:
@@ -100,42 +121,72 @@ def summarize_run(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     def total(key: str) -> float:
         return float(sum(r.get(key, 0) or 0 for r in metrics))
 
+    kept = total("rexrag/probes_kept")
+
+    def kept_weighted(key: str) -> float | None:  # a mean over kept probes, not over steps
+        if not kept:
+            return None
+        return sum((r.get(key) or 0) * (r.get("rexrag/probes_kept") or 0) for r in metrics) / kept
+
+    val = [(r["step"], r["val/em"]) for r in metrics if isinstance(r.get("val/em"), (int, float))]
     return {
         "reward": [r.get("reward/mean") for r in metrics],
         "steps": [r["step"] for r in metrics],
+        "val_steps": [s for s, _ in val],
+        "val_em": [v for _, v in val],
+        "dead_ends": total("rexrag/dead_ends"),
         "probes_made": total("rexrag/probes_made"),
-        "probes_kept": total("rexrag/probes_kept"),
+        "probes_kept": kept,
+        "probe_accuracy": kept_weighted("rexrag/probe_accuracy"),
+        "alpha_mean": mean("rexrag/alpha"),
+        "kept_probe_reward": kept_weighted("rexrag/kept_probe_reward"),
+        "kept_probe_source_group_reward": kept_weighted("rexrag/kept_probe_source_group_reward"),
         "probe_cached_tokens": total("rexrag/probe_cached_tokens"),
         "tokens_per_s": {k.split("/", 1)[1]: mean(k) for k in sorted({k for r in metrics for k in r})
                          if k.startswith("throughput/")},
     }
 
 
+def _pct(x: float | None) -> str:
+    return "   -" if x is None else f"{100 * x:5.1f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """Plain-text table: one row per (method, seed) (training reward as the mean of the first and of the last
-    5 steps: one step's 32 rollouts are too few to read alone), then the per-method means."""
-    lines = [f"held-out EM before RL (warm start): {100 * result['em_before']:.1f}%  "
-             f"({result['n_eval']} test questions)",
-             f"{'method':<8} {'seed':>4} {'EM after':>9} {'reward 1-5':>10} {'reward -5..':>11} {'probes':>7} "
-             f"{'kept':>5} {'prefill saved':>13} {'rollout tok/s':>13} {'probe tok/s':>11} {'update tok/s':>12}",
-             "-" * 112]
+    """Plain-text tables: one row per (method, seed) with held-out EM after RL (all / the dead-end question
+    type / the rest), training reward as the mean of the first and of the last 5 steps (one step's 32
+    rollouts are too few to read alone) and throughput; then what REX-RAG did; then the per-method means."""
+    before = result["em_before"]
+    lines = [f"held-out EM before RL (warm start): {_pct(before['all'])}%  (1-hop, taught as dead ends: "
+             f"{_pct(before['dead_end_type'])}%, rest: {_pct(before['rest'])}%; {result['n_eval']} test questions)",
+             f"{'method':<8} {'seed':>4} {'EM all':>7} {'EM 1hop':>8} {'EM rest':>8} {'reward 1-5':>10} "
+             f"{'reward -5..':>11} {'rollout tok/s':>13} {'probe tok/s':>11} {'update tok/s':>12}",
+             "-" * 96]
     for run in result["runs"]:
         rw = [x for x in run["reward"] if x is not None]
-        tps = run["tokens_per_s"]
+        tps, em = run["tokens_per_s"], run["em_after"]
         first = sum(rw[:5]) / len(rw[:5]) if rw else float("nan")
         last = sum(rw[-5:]) / len(rw[-5:]) if rw else float("nan")
-        lines.append(f"{run['method']:<8} {run['seed']:>4} {100 * run['em_after']:8.1f}% "
-                     f"{first:10.3f} {last:11.3f} "
-                     f"{run['probes_made']:7.0f} {run['probes_kept']:5.0f} {run['probe_cached_tokens']:13.0f} "
+        lines.append(f"{run['method']:<8} {run['seed']:>4} {_pct(em['all']):>6}% {_pct(em['dead_end_type']):>7}% "
+                     f"{_pct(em['rest']):>7}% {first:10.3f} {last:11.3f} "
                      f"{tps.get('rollout_tokens_per_s') or 0:13.1f} {tps.get('probe_tokens_per_s') or 0:11.1f} "
                      f"{tps.get('update_tokens_per_s') or 0:12.1f}")
-    lines.append("-" * 112)
+    lines += ["", f"{'REX-RAG':<8} {'seed':>4} {'dead ends':>9} {'probes':>7} {'kept':>5} {'probe acc':>9} "
+                  f"{'alpha':>6} {'kept reward':>11} {'source grp':>10} {'prefill saved':>13}", "-" * 96]
+    for run in result["runs"]:
+        if run["method"] != "rexrag":
+            continue
+        fmt = lambda x: "    -" if x is None else f"{x:.3f}"  # noqa: E731
+        lines.append(f"{'rexrag':<8} {run['seed']:>4} {run['dead_ends']:9.0f} {run['probes_made']:7.0f} "
+                     f"{run['probes_kept']:5.0f} {fmt(run['probe_accuracy']):>9} {fmt(run['alpha_mean']):>6} "
+                     f"{fmt(run['kept_probe_reward']):>11} {fmt(run['kept_probe_source_group_reward']):>10} "
+                     f"{run['probe_cached_tokens']:13.0f}")
+    lines.append("-" * 96)
     for method in METHODS:
         runs = [r for r in result["runs"] if r["method"] == method]
         if runs:
-            em = sum(r["em_after"] for r in runs) / len(runs)
+            em = sum(r["em_after"]["all"] for r in runs) / len(runs)
             lines.append(f"{method:<8} mean EM after RL over {len(runs)} seed(s): {100 * em:.1f}% "
-                         f"(before: {100 * result['em_before']:.1f}%)")
+                         f"(before: {100 * before['all']:.1f}%)")
     return "\n".join(lines)
 
 
@@ -158,8 +209,11 @@ def plot(result: dict[str, Any], png: Path) -> Path:
             smooth = [sum(w) / len(w) for w in windows]
             ax_r.plot(steps, smooth, color=colors[run["method"]], alpha=0.9,
                       label=f"{run['method']} seed {run['seed']} (5-step mean)")
-        ax_e.plot([0, max(run["steps"] or [0])], [result["em_before"], run["em_after"]], marker="o",
+        ax_e.plot([0, max(run["steps"] or [0])], [result["em_before"]["all"], run["em_after"]["all"]], marker="o",
                   color=colors[run["method"]], alpha=0.8, label=f"{run['method']} seed {run['seed']}")
+        if run.get("val_em"):  # the in-training validation (trainer.test_freq)
+            ax_e.plot(run["val_steps"], run["val_em"], linestyle="--", marker=".", color=colors[run["method"]],
+                      alpha=0.6, label=f"{run['method']} seed {run['seed']} val/em")
     ax_r.set(xlabel="RL step", ylabel="training reward (EM of rollouts)", title="reward")
     ax_e.set(xlabel="RL step", ylabel="held-out EM (greedy)", title="EM before / after RL")
     for ax in (ax_r, ax_e):
@@ -256,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
 
     test = load_world_split("test")[:n_eval]
     em_before = eval_em(warm_dir, test, retriever, cfg, progress)
-    print(f"held-out EM of the warm start: {100 * em_before:.1f}%", flush=True)
+    print(f"held-out EM of the warm start: {100 * em_before['all']:.1f}%", flush=True)
 
     from rexrag_fast.train.metrics import read_metrics
 
@@ -277,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
                 em_after = eval_em(run_dir / "final", test, retriever, cfg, progress)
                 result["runs"].append({"method": method, "seed": seed, "em_after": em_after,
                                        **summarize_run(metrics)})
-                print(f"{method} seed {seed}: held-out EM {100 * em_before:.1f}% -> {100 * em_after:.1f}%", flush=True)
+                print(f"{method} seed {seed}: held-out EM {100 * em_before['all']:.1f}% -> "
+                      f"{100 * em_after['all']:.1f}%", flush=True)
                 runs_done += 1
                 print(progress_line(runs_done, total_runs, time.perf_counter() - t_runs), flush=True)
     except KeyboardInterrupt:

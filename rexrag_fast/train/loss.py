@@ -77,7 +77,8 @@ def make_policy_loss_fn(algo: AlgorithmConfig, *, fused: bool, alpha: float = 0.
             kl_coef=algo.kl_coef if algo.use_kl_loss else 0.0, kl_type=algo.kl_type,
             probe_logprobs=t["probe_logprobs"].to(logprobs.dtype) if use_probe else None, alpha=alpha,
             clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
-            clip_ratio_c=algo.clip_ratio_c, loss_agg_mode=algo.loss_agg_mode, **kwargs,
+            clip_ratio_c=algo.clip_ratio_c, log_ratio_clamp=algo.log_ratio_clamp, loss_agg_mode=algo.loss_agg_mode,
+            **kwargs,
         )
         if algo.entropy_coeff > 0:
             if entropy is None:

@@ -414,6 +414,8 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     fig, (ax_r, ax_t) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     if reward_key is not None:
         ax_r.plot(*series(reward_key), marker=".", label=reward_key)
+        if any("val/em" in r for r in rows):  # held-out EM of the in-training validation
+            ax_r.plot(*series("val/em"), marker="o", label="val/em (held-out)")
         ax_r.legend(loc="best")
     else:
         ax_r.text(0.5, 0.5, "no reward metric logged", ha="center", va="center", transform=ax_r.transAxes)

@@ -6,13 +6,16 @@ The trainer calls, on every rank, in this order (DESIGN.md's data flow):
     batch, alpha, m = stage.filter_and_correct(batch)   after the old log-probs: kept batch, probe share, metrics
 
 `GRPOStage` does nothing at either point (alpha = 0, every trajectory kept: plain GRPO). `RexRagStage` owns
-REX-RAG's state across steps (the tokenised exploratory-prompt pool, its prefix trie, the keep-ratio EMA):
+REX-RAG's state across steps (the tokenised exploratory-prompt pool of algorithm.rexrag.prompt_pool, its
+prefix trie, the keep-ratio EMA):
 
     explore: dead ends (answered in a searching turn, reward < 1, u < revision_prob) forked at their answer
              with an exploratory prompt, continued on the engine (prefix KV from the radix cache); a probe
              joins its source's group
-    filter:  every original and the best-ranked probes (mean old log-prob of the inserted prompt) within this
-             rank's share of the budget keep_probe_count(keep_ratio, train_batch_size, n_agent, multiple_of=world)
+    filter:  every original and the best-ranked probes (mean old log-prob of the inserted prompt): ONE top-K
+             over the probes of all ranks (the reference ranks the whole step's probes together), K =
+             keep_probe_count(keep_ratio, train_batch_size, n_agent, multiple_of=world); each rank keeps its
+             probes among those K (`probes_kept_per_rank`), so a rank with more plausible probes keeps more
     correct: err = 1 - accuracy of the originals, alpha = kept probes / kept trajectories, both over all
              ranks; probe_logprobs = log mu (`rexrag.probe_distribution.probe_logprobs`), -inf off probes;
              then the keep-ratio EMA folds in the accuracy of the kept probes
@@ -23,6 +26,7 @@ Random draws come from seeds derived from (seed, step, rank, purpose), so a resu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -71,6 +75,43 @@ class GRPOStage:
         return None
 
 
+def probes_kept_per_rank(scores_by_rank: Sequence[Sequence[float]], budget: int) -> list[int]:
+    """How many probes each rank keeps under one global top-`budget`: [world] counts.
+
+    scores_by_rank[r] holds rank r's probe scores in its batch order. The global order is score descending,
+    ties by (rank, position): the same order every rank's local stable sort (`select_trajectories`) gives
+    within itself, so keeping its count of best probes keeps exactly the global top-`budget`.
+    """
+    if not isinstance(budget, (int, np.integer)) or budget < 0:
+        raise ValueError(f"budget: expected a non-negative integer, got {budget!r}")
+    flat = [(-float(s), r, i) for r, scores in enumerate(scores_by_rank) for i, s in enumerate(scores)]
+    if any(math.isnan(s) for s, _, _ in flat):
+        raise ValueError("scores_by_rank: NaN probe score; expected finite mean prompt log-probs")
+    counts = [0] * len(scores_by_rank)
+    for _, r, _ in sorted(flat)[:budget]:
+        counts[r] += 1
+    return counts
+
+
+def keep_globally_best_probes(is_probe: np.ndarray, scores: np.ndarray, budget: int) -> np.ndarray:
+    """Indices of this rank's kept trajectories -> int64 [K]: every original, then its probes among the
+    global top-`budget` of all ranks' probes (`probes_kept_per_rank`). is_probe [B] bool, scores [B] float.
+    Collective (gathers the probe scores)."""
+    from rexrag_fast.rexrag import select_trajectories
+
+    mine = probes_kept_per_rank(du.gather_objects(scores[is_probe].tolist()), budget)[du.get_rank()]
+    return select_trajectories(is_probe, scores, mine)
+
+
+def _source_group_rewards(batch: StepBatch) -> list[float]:
+    """Per trajectory of `batch`, the mean reward of the originals in its group (its source group for a probe)."""
+    sums: dict[int, list[float]] = {}
+    for g, r, p in zip(batch.group_ids, batch.rewards, batch.is_probe):
+        if not p:
+            sums.setdefault(int(g), []).append(float(r))
+    return [float(np.mean(sums[int(g)])) if int(g) in sums else 0.0 for g in batch.group_ids]
+
+
 def _explore_masks(batch: StepBatch) -> list[torch.Tensor]:
     return [torch.tensor([c == Component.EXPLORE_PROMPT for c in t.components]) for t in batch.trajs]
 
@@ -89,7 +130,7 @@ class RexRagStage:
         self.engine, self.retriever, self.tokenizer = engine, retriever, tokenizer
         self.agent_config: Any = agent_config  # (seed) -> AgentConfig
         self.keep_ratio = KeepRatio(rx.keep_ratio, rx.keep_ratio_ewm_alpha)
-        self.pool_ids = tokenize_prompts(resolve_prompt_pool(None), tokenizer)
+        self.pool_ids = tokenize_prompts(resolve_prompt_pool(rx.prompt_pool), tokenizer)
         self.trie = PromptTrie(self.pool_ids)
 
     def state_dict(self) -> dict[str, float]:
@@ -124,7 +165,7 @@ class RexRagStage:
 
     def filter_and_correct(self, batch: StepBatch) -> tuple[StepBatch, float, dict[str, float]]:
         """(kept batch with probe_logprobs, alpha, rexrag/* metrics, the same on every rank). Collective."""
-        from rexrag_fast.rexrag import keep_probe_count, prompt_mean_logprobs, select_trajectories
+        from rexrag_fast.rexrag import keep_probe_count, prompt_mean_logprobs
         from rexrag_fast.rexrag.probe_distribution import MIN_ERROR_RATE, probe_logprobs
 
         cfg = self.cfg
@@ -132,21 +173,29 @@ class RexRagStage:
         ids = [t.token_ids for t in batch.trajs]
         whole = pack_sequences(ids, {"old_logprobs": batch.old_logprobs, "explore": _explore_masks(batch)})
         scores = prompt_mean_logprobs(whole.per_token["old_logprobs"], whole.cu_seqlens, whole.per_token["explore"])
-        budget = keep_probe_count(self.keep_ratio.value, cfg.data.train_batch_size, cfg.rollout.n_agent,
-                                  world) // world
-        kept = batch.subset(select_trajectories(np.array(batch.is_probe, dtype=bool), scores, budget).tolist())
+        budget = keep_probe_count(self.keep_ratio.value, cfg.data.train_batch_size, cfg.rollout.n_agent, world)
+        kept = batch.subset(keep_globally_best_probes(np.array(batch.is_probe, dtype=bool), scores, budget).tolist())
         probe = np.array(kept.is_probe, dtype=bool)
         r = np.array(kept.rewards, dtype=np.float64)
+        source = np.array(_source_group_rewards(kept), dtype=np.float64)
         tot = du.sum_across_ranks({
             "orig": float((~probe).sum()), "orig_right": float((r[~probe] >= 1).sum()),
+            "dead_ends": float((r[~probe] < 1).sum()),
             "probes": float(probe.sum()), "probes_right": float((r[probe] >= 1).sum()),
+            "probe_reward": float(r[probe].sum()), "source_reward": float(source[probe].sum()),
         })
         err = max(1.0 - tot["orig_right"] / max(tot["orig"], 1.0), MIN_ERROR_RATE)
         alpha = tot["probes"] / max(tot["orig"] + tot["probes"], 1.0)
         accuracy = tot["probes_right"] / tot["probes"] if tot["probes"] > 0 else 0.0
-        m = {"rexrag/alpha": alpha, "rexrag/error_rate": err, "rexrag/probe_accuracy": accuracy,
+        # dead_ends: originals with reward < 1 (the candidates a probe is forked from)
+        m = {"rexrag/dead_ends": tot["dead_ends"], "rexrag/alpha": alpha, "rexrag/error_rate": err,
+             "rexrag/probe_accuracy": accuracy,
              "rexrag/probes_kept": tot["probes"], "rexrag/keep_ratio": self.keep_ratio.value,
-             "rexrag/probe_budget": float(budget * world)}
+             "rexrag/probe_budget": float(budget),
+             # kept probes' mean reward vs the mean original reward of the groups they were forked from
+             "rexrag/kept_probe_reward": tot["probe_reward"] / tot["probes"] if tot["probes"] > 0 else 0.0,
+             "rexrag/kept_probe_source_group_reward":
+                 tot["source_reward"] / tot["probes"] if tot["probes"] > 0 else 0.0}
         if probe.any():
             kids = [t.token_ids for t in kept.trajs]
             pack = pack_sequences(kids, {"old_logprobs": kept.old_logprobs, "explore": _explore_masks(kept)})

@@ -11,14 +11,15 @@ A question's group id is its position in the data stream: unique across ranks an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from rexrag_fast.agent.loop import AgentConfig, run_agent_loop
-from rexrag_fast.agent.template import encode_prompt
+from rexrag_fast.agent.loop import INVALID_ACTION_MESSAGE, AgentConfig, load_invalid_action_message, run_agent_loop
+from rexrag_fast.agent.template import DEFAULT_TEMPLATE, encode_prompt, load_template
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.config import Config
 from rexrag_fast.train.metrics import StepMetrics
@@ -60,6 +61,9 @@ def agent_config(cfg: Config, seed: int | None) -> AgentConfig:
         max_tokens_per_turn=d.max_response_length,
         max_response_tokens=d.max_prompt_length + d.max_response_length - d.max_start_length,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
+        force_answer=cfg.rollout.force_answer,
+        invalid_action_message=(load_invalid_action_message(cfg.rollout.invalid_action_message)
+                                if cfg.rollout.invalid_action_message else INVALID_ACTION_MESSAGE),
     )
 
 
@@ -102,13 +106,15 @@ class Rollouts:
         self.engine, self.retriever, self.tokenizer = engine, retriever, tokenizer
         self.examples = list(examples)
         self.stream = PromptStream(len(self.examples), cfg.trainer.seed, cfg.data.shuffle)
+        self.template = load_template(cfg.data.prompt_template) if cfg.data.prompt_template else DEFAULT_TEMPLATE
+        self._agent = agent_config(cfg, None)  # reads the message file once
 
     def agent_config(self, seed: int | None) -> AgentConfig:
-        return agent_config(self.cfg, seed)
+        return dataclasses.replace(self._agent, seed=seed)
 
     def _prompt(self, index: int) -> list[int]:
         ex = self.examples[index]
-        ids = encode_prompt(ex.question, self.tokenizer, messages=ex.messages)
+        ids = encode_prompt(ex.question, self.tokenizer, messages=ex.messages, template=self.template)
         return ids[-self.cfg.data.max_start_length:]  # left truncation keeps the question's end
 
     def local_questions(self, position: int) -> tuple[list[list[int]], list[list[str]], list[int]]:

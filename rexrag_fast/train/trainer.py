@@ -6,7 +6,9 @@
     batch, alpha = exploration.filter_and_correct(batch)   REX-RAG: kept probes, log mu, alpha (GRPO: 0)
     ref lp  = reference.compute_logprobs(...)          when algorithm.use_kl_loss
     update  = actor.update(mini-batches of whole groups, packed under actor.max_tokens_per_micro_batch;
-              advantages per group, loss = fused_policy_loss or the eager composition with this step's alpha)
+              advantages per group, loss = fused_policy_loss or the eager composition with this step's alpha);
+              ceil(kept rows of all ranks / actor.ppo_mini_batch_size) mini-batches, as the reference counts
+              (`optimizer_steps_per_epoch`)
     sync    = engine.update_weights(actor.iter_gathered_parameters())   the engine bumps its prefix-cache
               namespace, so no stale KV is reused
     metrics = StepMetrics reduced over ranks -> <output_dir>/metrics.jsonl (+ TensorBoard, tqdm, curves.png)
@@ -119,13 +121,15 @@ class RLTrainer:
         du.init_distributed()
         self.cfg = cfg
         self.device = du.default_device()
-        self.num_mini_batches = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
+        # mini-batches of a step without kept probes; probes add up to ceil(probes / ppo_mini_batch_size)
+        self.num_mini_batches = -(-cfg.data.train_batch_size * cfg.rollout.n_agent // cfg.actor.ppo_mini_batch_size)
         per_rank = cfg.data.train_batch_size // du.get_world_size()
         if per_rank < self.num_mini_batches:
             raise ValueError(
                 f"data.train_batch_size = {cfg.data.train_batch_size} over {du.get_world_size()} ranks leaves "
-                f"{per_rank} prompts on a rank, fewer than the {self.num_mini_batches} mini-batches "
-                f"(train_batch_size / actor.ppo_mini_batch_size); raise the batch or the mini-batch size")
+                f"{per_rank} prompts on a rank, fewer than the {self.num_mini_batches} mini-batches of whole "
+                f"groups (train_batch_size x rollout.n_agent / actor.ppo_mini_batch_size); raise the batch or the "
+                f"mini-batch size")
         self.output_dir = Path(cfg.trainer.output_dir)
         self.ckpt_root = self.output_dir / CHECKPOINT_SUBDIR
 
@@ -188,7 +192,8 @@ class RLTrainer:
 
         loss_fn = make_policy_loss_fn(self.cfg.algorithm, fused=self.cfg.actor.use_fused_kernels, alpha=alpha)
         with m.timer("time/update_s"):
-            actor_metrics = self.actor.update(self.mini_batches(batch), step=self.state.step, loss_fn=loss_fn)
+            minis = self.mini_batches(batch, self.count_mini_batches(batch))
+            actor_metrics = self.actor.update(minis, step=self.state.step, loss_fn=loss_fn)
         with m.timer("time/weight_sync_s"):
             self.sync_weights()
         m.set_time("time/step_s", time.perf_counter() - t_step)
@@ -213,9 +218,17 @@ class RLTrainer:
             pack_micro_batches(token_ids, budget)
         return scatter_back(mbs, policy.compute_logprobs(mbs), len(trajs))
 
-    def mini_batches(self, batch: StepBatch) -> list[list[PackedBatch]]:
+    def count_mini_batches(self, batch: StepBatch) -> int:
+        """This step's mini-batches per epoch, equal on every rank (`optimizer_steps_per_epoch` of the kept
+        rows summed over ranks, capped by the fewest groups on a rank). Collective."""
+        rows = du.all_reduce_floats([float(len(batch.trajs))], "sum")[0]
+        neg_groups = du.all_reduce_floats([-float(len(set(batch.group_ids)))], "max")[0]
+        return optimizer_steps_per_epoch(int(rows), self.cfg.actor.ppo_mini_batch_size, int(-neg_groups))
+
+    def mini_batches(self, batch: StepBatch, num_mini_batches: int | None = None) -> list[list[PackedBatch]]:
         """The kept batch as mini-batches (whole groups) of varlen micro-batches with every per-token input
-        of the loss: response_mask, old_logprobs, advantages, and ref_logprobs / probe_logprobs when used."""
+        of the loss: response_mask, old_logprobs, advantages, and ref_logprobs / probe_logprobs when used.
+        num_mini_batches: None counts them (`count_mini_batches`, collective)."""
         from rexrag_fast.train.loss import sequence_advantages
 
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
@@ -230,8 +243,10 @@ class RLTrainer:
             per_token["ref_logprobs"] = batch.ref_logprobs
         if batch.probe_logprobs is not None:
             per_token["probe_logprobs"] = batch.probe_logprobs
+        if num_mini_batches is None:
+            num_mini_batches = self.count_mini_batches(batch)
         token_ids = [t.token_ids for t in batch.trajs]
-        return plan_mini_batches(token_ids, self.num_mini_batches,
+        return plan_mini_batches(token_ids, num_mini_batches,
                                  self.cfg.actor.max_tokens_per_micro_batch, per_token,
                                  {"rewards": rewards, "group_ids": torch.tensor(batch.group_ids)},
                                  group_ids=batch.group_ids, tree=self.use_tree_packing(token_ids))
@@ -239,6 +254,19 @@ class RLTrainer:
     def use_tree_packing(self, token_ids: Sequence[Sequence[int]]) -> bool:
         """Whether this pass over `token_ids` uses tree packs (`tree_packing_enabled` of actor.tree_packing)."""
         return tree_packing_enabled(self.cfg.actor.tree_packing, token_ids, self.cfg.actor.max_tokens_per_micro_batch)
+
+    def validate(self) -> dict[str, float]:
+        """Greedy held-out EM of the current weights (`validation.validate`: val/em, val/em/<source>). Collective."""
+        from rexrag_fast.train.validation import load_val_examples, validate
+
+        if getattr(self, "_val_examples", None) is None:
+            self._val_examples = load_val_examples(self.cfg)
+        t0 = time.perf_counter()
+        out = validate(self.engine, self.rollouts.retriever, self._val_examples, self.rollouts.agent_config(None),
+                       tokenizer=self.tokenizer, template=self.rollouts.template,
+                       batch_size=self.cfg.data.val_batch_size)
+        out["time/validation_s"] = time.perf_counter() - t0
+        return out
 
     def sync_weights(self) -> None:
         """Gathered ZeRO-3 weights into the rollout engine (collective)."""
@@ -307,6 +335,8 @@ class RLTrainer:
             with GracefulStop() as stop:
                 while self.state.step < cfg.trainer.max_steps:
                     metrics = self.step()
+                    if cfg.trainer.test_freq > 0 and self.state.step % cfg.trainer.test_freq == 0:
+                        metrics.update(self.validate())
                     if self.state.step % cfg.trainer.log_every == 0 or self.state.step == cfg.trainer.max_steps:
                         logger.log(self.state.step, metrics)
                     stopped = stop.requested_on_any_rank()
@@ -324,6 +354,27 @@ class RLTrainer:
         finally:
             logger.close()
         return self.state
+
+
+# ------------------------------------------------------------------------------------ mini-batches
+
+
+def optimizer_steps_per_epoch(global_rows: int, mini_batch_rows: int, fewest_local_groups: int) -> int:
+    """Mini-batches (optimizer steps) per PPO epoch of one step, derived identically on every rank:
+
+        min(ceil(global_rows / mini_batch_rows), fewest_local_groups)
+
+    global_rows: the step's kept trajectories on all ranks (originals and kept probes), counted as the
+    reference counts rows after its n_agent copies (512 prompts x 5 = 2,560 rows / 256 = 10 steps; kept
+    probes add their share, rounded up). A global mini-batch of R rows is about R / world rows per rank.
+    Mini-batches here hold whole groups (a probe travels with its source's group), so their number is
+    capped by the fewest groups any rank holds.
+    """
+    for name, v in (("global_rows", global_rows), ("mini_batch_rows", mini_batch_rows),
+                    ("fewest_local_groups", fewest_local_groups)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    return min(-(-global_rows // mini_batch_rows), fewest_local_groups)
 
 
 # ------------------------------------------------------------------------------------ what a step counts

@@ -18,7 +18,7 @@ import hashlib
 from typing import Any
 
 from rexrag_fast.agent.loop import INFORMATION_TEMPLATE
-from rexrag_fast.agent.template import SEARCH_R1_TEMPLATE
+from rexrag_fast.agent.template import DEFAULT_TEMPLATE
 from rexrag_fast.paths import default_cache_dir, save_dir_atomically
 
 WORLD_VOCAB = 8192
@@ -42,7 +42,7 @@ def world_training_text(world: Any) -> list[str]:
     """The texts the tokenizer is trained on: every document, the train questions, the protocol, the template."""
     texts = [d["contents"] for d in world.documents]
     texts += [q["question"] for q in world.questions if q.get("split") == "train"]
-    return texts + [SEARCH_R1_TEMPLATE, PROTOCOL_TEXT] * 64
+    return texts + [DEFAULT_TEMPLATE, PROTOCOL_TEXT] * 64
 
 
 def train_world_tokenizer(world: Any, vocab_size: int = WORLD_VOCAB) -> Any:

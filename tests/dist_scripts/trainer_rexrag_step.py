@@ -72,7 +72,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"), [
         "model.path=tiny-qwen2", f"trainer.output_dir={args.out}", "trainer.seed=11",
-        "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "rollout.n_agent=2", "rollout.max_turns=1",
+        "data.train_batch_size=4", "actor.ppo_mini_batch_size=4", "rollout.n_agent=2", "rollout.max_turns=1",
         "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
         "actor.max_tokens_per_micro_batch=1024", "actor.lr=1e-3",
         "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=1.0",
