@@ -11,9 +11,9 @@ import pytest
 
 from rexrag_fast.agent.trajectory import Trajectory
 from rexrag_fast.rexrag.prompts import load_prompt_pool
+from rexrag_fast.train.packing import optimizer_steps_per_epoch
 from rexrag_fast.train.rexrag_stage import _source_group_rewards, probes_kept_per_rank
 from rexrag_fast.train.step_batch import StepBatch
-from rexrag_fast.train.trainer import optimizer_steps_per_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 from dist_helpers import run_torchrun
 
 from rexrag_fast.train.config import ConfigError, load_config
-from rexrag_fast.train.trainer import TREE_PACKING_MIN_SHARING, tree_packing_enabled
+from rexrag_fast.train.packing import TREE_PACKING_MIN_SHARING, tree_packing_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "tree_packing_steps.py"

@@ -132,7 +132,8 @@ def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> lis
     """Rows for one model: a rolled-out batch learned by the fused and by the eager path."""
     from rexrag_fast.train.config import load_config
     from rexrag_fast.train.metrics import StepMetrics
-    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_policy, load_train_examples
+    from rexrag_fast.train.models import load_policy
+    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_train_examples
 
     base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
                        overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step"])
@@ -272,7 +273,8 @@ def _measure_tree(overrides: list[str], progress: Progress) -> list[Row]:
     """Rows for one model: the learning part with tree packs vs flat packs on a GRPO and a REX-RAG batch."""
     from rexrag_fast.train.config import load_config
     from rexrag_fast.train.metrics import StepMetrics
-    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_policy, load_train_examples
+    from rexrag_fast.train.models import load_policy
+    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_train_examples
 
     base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
                        overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step_tree"])

@@ -176,3 +176,11 @@ def write_hf_model(model_config: Any, state: dict[str, torch.Tensor], tokenizer:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def load_policy(cfg: Any) -> tuple[torch.nn.Module, Any]:
+    """(causal LM in fp32 train mode, tokenizer) for model.path (a name of `models.MODEL_NAMES` or an HF dir)."""
+    model, tokenizer = load_model(cfg.model.path, seed=cfg.trainer.seed, dtype=torch.float32,
+                                  tokenizer_path=cfg.model.tokenizer_path,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    return model.train(), tokenizer

@@ -521,3 +521,34 @@ def packed_to_padded(packed: torch.Tensor, index: PackedIndex, pad_value: float 
     out = packed.new_full((index.batch_size * index.seq_len, *packed.shape[1:]), pad_value)
     out[index.flat_index] = packed
     return out.reshape(index.batch_size, index.seq_len, *packed.shape[1:])
+
+
+# actor.tree_packing=auto packs prefix trees when they save at least this share of the flat tokens.
+TREE_PACKING_MIN_SHARING = 0.2
+
+
+def tree_packing_enabled(mode: str, token_ids: Sequence[Sequence[int]], max_tokens: int) -> bool:
+    """actor.tree_packing: 'on', 'off', or 'auto' = when tree packs of these sequences under the micro-batch
+    budget save at least TREE_PACKING_MIN_SHARING of their tokens. Decided per rank and pass: results are the
+    same either way (up to float summation order), only the work differs."""
+    if mode == "auto":
+        return tree_sharing(token_ids, max_tokens) >= TREE_PACKING_MIN_SHARING
+    return mode == "on"
+
+
+def optimizer_steps_per_epoch(global_rows: int, mini_batch_rows: int, fewest_local_groups: int) -> int:
+    """Mini-batches (optimizer steps) per PPO epoch of one step, derived identically on every rank:
+
+        min(ceil(global_rows / mini_batch_rows), fewest_local_groups)
+
+    global_rows: the step's kept trajectories on all ranks (originals and kept probes), counted as the
+    reference counts rows after its n_agent copies (512 prompts x 5 = 2,560 rows / 256 = 10 steps; kept
+    probes add their share, rounded up). A global mini-batch of R rows is about R / world rows per rank.
+    Mini-batches here hold whole groups (a probe travels with its source's group), so their number is
+    capped by the fewest groups any rank holds.
+    """
+    for name, v in (("global_rows", global_rows), ("mini_batch_rows", mini_batch_rows),
+                    ("fewest_local_groups", fewest_local_groups)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    return min(-(-global_rows // mini_batch_rows), fewest_local_groups)

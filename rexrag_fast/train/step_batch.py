@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rexrag_fast.agent.reward import exact_match
-from rexrag_fast.agent.trajectory import Trajectory
+from rexrag_fast.agent.trajectory import Component, Trajectory
+from rexrag_fast.train.metrics import StepMetrics
 
 
 @dataclass
@@ -60,3 +61,30 @@ class StepBatch:
 
     def __len__(self) -> int:
         return len(self.trajs)
+
+    # ---------------------------------------------------------------------------- what a step counts
+
+    def count_rollout(self, m: StepMetrics) -> None:
+        """Originals and their rewards, probes' rewards (before any filtering)."""
+        orig = self.originals_only()
+        m.add("count/originals", len(orig))
+        m.add("count/rollout_tokens", sum(len(self.trajs[i]) for i in orig))
+        m.add("sum/reward", sum(self.rewards[i] for i in orig))
+        m.add("sum/probe_reward", sum(r for r, p in zip(self.rewards, self.is_probe) if p))
+
+    def count_sampling_drift(self, m: StepMetrics) -> None:
+        """|engine sampling log-prob - actor log-prob| summed over sampled tokens (temperature-scaled both):
+        float noise when the engine runs the actor's weights, so it checks the weight sync."""
+        for t, lp in zip(self.trajs, self.old_logprobs):
+            sampled = torch.tensor(t.components) == Component.RESPONSE
+            m.add("sum/rollout_logprob_abs_diff", float(((torch.tensor(t.logprobs) - lp).abs() * sampled).sum()))
+            m.add("count/response_tokens_all", int(sampled.sum()))
+
+    def count_train_batch(self, m: StepMetrics) -> None:
+        """The kept batch's size, and the originals' searches, answers and response lengths."""
+        m.add("count/train_tokens", sum(len(t) for t in self.trajs))
+        m.add("count/train_sequences", len(self.trajs))
+        orig = [self.trajs[i] for i in self.originals_only()]
+        m.add("sum/searches", sum(t.num_searches for t in orig))
+        m.add("sum/answered", sum(t.answer is not None for t in orig))
+        m.add("sum/response_len", sum(t.num_response_tokens for t in orig))

@@ -38,18 +38,20 @@ from typing import Any
 
 import torch
 
-from rexrag_fast.agent.trajectory import Component, Trajectory
+from rexrag_fast.agent.trajectory import Trajectory
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
 from rexrag_fast.train.config import Config, config_to_dict, resolve_max_steps, save_config
 from rexrag_fast.train.metrics import MetricsLogger, StepMetrics, logger_options, peak_memory_bytes, summarize_step
+from rexrag_fast.train.models import load_policy
 from rexrag_fast.train.packing import (
     PackedBatch,
+    optimizer_steps_per_epoch,
     pack_micro_batches,
     pack_tree_micro_batches,
     plan_mini_batches,
     scatter_back,
-    tree_sharing,
+    tree_packing_enabled,
 )
 from rexrag_fast.train.rexrag_stage import build_exploration
 from rexrag_fast.train.rollout import Rollouts, build_engine
@@ -60,18 +62,6 @@ CHECKPOINT_SUBDIR = "checkpoints"
 FINAL_MODEL_SUBDIR = "final"
 CHECKPOINT_HF_SUBDIR = "hf"  # trainer.export_hf_every: a Hugging Face model dir inside the checkpoint
 RESOLVED_CONFIG = "config.yaml"
-# actor.tree_packing=auto packs prefix trees when they save at least this share of the flat tokens.
-TREE_PACKING_MIN_SHARING = 0.2
-
-
-def load_policy(cfg: Config) -> tuple[torch.nn.Module, Any]:
-    """(causal LM in fp32 train mode, tokenizer) for model.path (a name of `models.MODEL_NAMES` or an HF dir)."""
-    from rexrag_fast.train.models import load_model
-
-    model, tokenizer = load_model(cfg.model.path, seed=cfg.trainer.seed, dtype=torch.float32,
-                                  tokenizer_path=cfg.model.tokenizer_path,
-                                  trust_remote_code=cfg.model.trust_remote_code)
-    return model.train(), tokenizer
 
 
 def build_trainer_retriever(cfg: Config) -> Any:
@@ -95,15 +85,6 @@ def load_train_examples(cfg: Config) -> list[Any]:
     if not examples:
         raise ValueError(f"data.train_files: no examples in {cfg.data.train_files or 'the embedded world'}")
     return examples
-
-
-def tree_packing_enabled(mode: str, token_ids: Sequence[Sequence[int]], max_tokens: int) -> bool:
-    """actor.tree_packing: 'on', 'off', or 'auto' = when tree packs of these sequences under the micro-batch
-    budget save at least TREE_PACKING_MIN_SHARING of their tokens. Decided per rank and pass: results are the
-    same either way (up to float summation order), only the work differs."""
-    if mode == "auto":
-        return tree_sharing(token_ids, max_tokens) >= TREE_PACKING_MIN_SHARING
-    return mode == "on"
 
 
 class RLTrainer:
@@ -179,15 +160,15 @@ class RLTrainer:
         reduced over ranks. metrics: what the rollout counted; t_step: when the step began."""
         m = metrics.copy() if metrics is not None else StepMetrics()
         t_step = time.perf_counter() if t_step is None else t_step
-        _count_rollout(batch, m)
+        batch.count_rollout(m)
         with m.timer("time/old_logprob_s"):
             batch.old_logprobs = self._logprobs(self.actor, batch.trajs)
-        _count_sampling_drift(batch, m)
+        batch.count_sampling_drift(m)
         batch, alpha, rexrag_metrics = self.exploration.filter_and_correct(batch)
         if self.reference is not None:
             with m.timer("time/ref_logprob_s"):
                 batch.ref_logprobs = self._logprobs(self.reference, batch.trajs)
-        _count_train_batch(batch, m)
+        batch.count_train_batch(m)
         from rexrag_fast.train.loss import make_policy_loss_fn
 
         loss_fn = make_policy_loss_fn(self.cfg.algorithm, fused=self.cfg.actor.use_fused_kernels, alpha=alpha)
@@ -354,55 +335,3 @@ class RLTrainer:
         finally:
             logger.close()
         return self.state
-
-
-# ------------------------------------------------------------------------------------ mini-batches
-
-
-def optimizer_steps_per_epoch(global_rows: int, mini_batch_rows: int, fewest_local_groups: int) -> int:
-    """Mini-batches (optimizer steps) per PPO epoch of one step, derived identically on every rank:
-
-        min(ceil(global_rows / mini_batch_rows), fewest_local_groups)
-
-    global_rows: the step's kept trajectories on all ranks (originals and kept probes), counted as the
-    reference counts rows after its n_agent copies (512 prompts x 5 = 2,560 rows / 256 = 10 steps; kept
-    probes add their share, rounded up). A global mini-batch of R rows is about R / world rows per rank.
-    Mini-batches here hold whole groups (a probe travels with its source's group), so their number is
-    capped by the fewest groups any rank holds.
-    """
-    for name, v in (("global_rows", global_rows), ("mini_batch_rows", mini_batch_rows),
-                    ("fewest_local_groups", fewest_local_groups)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    return min(-(-global_rows // mini_batch_rows), fewest_local_groups)
-
-
-# ------------------------------------------------------------------------------------ what a step counts
-
-
-def _count_rollout(batch: StepBatch, m: StepMetrics) -> None:
-    """Originals and their rewards, probes' rewards (before any filtering)."""
-    orig = batch.originals_only()
-    m.add("count/originals", len(orig))
-    m.add("count/rollout_tokens", sum(len(batch.trajs[i]) for i in orig))
-    m.add("sum/reward", sum(batch.rewards[i] for i in orig))
-    m.add("sum/probe_reward", sum(r for r, p in zip(batch.rewards, batch.is_probe) if p))
-
-
-def _count_sampling_drift(batch: StepBatch, m: StepMetrics) -> None:
-    """|engine sampling log-prob - actor log-prob| summed over sampled tokens (temperature-scaled both):
-    float noise when the engine runs the actor's weights, so it checks the weight sync."""
-    for t, lp in zip(batch.trajs, batch.old_logprobs):
-        sampled = torch.tensor(t.components) == Component.RESPONSE
-        m.add("sum/rollout_logprob_abs_diff", float(((torch.tensor(t.logprobs) - lp).abs() * sampled).sum()))
-        m.add("count/response_tokens_all", int(sampled.sum()))
-
-
-def _count_train_batch(batch: StepBatch, m: StepMetrics) -> None:
-    """The kept batch's size, and the originals' searches, answers and response lengths."""
-    m.add("count/train_tokens", sum(len(t) for t in batch.trajs))
-    m.add("count/train_sequences", len(batch.trajs))
-    orig = [batch.trajs[i] for i in batch.originals_only()]
-    m.add("sum/searches", sum(t.num_searches for t in orig))
-    m.add("sum/answered", sum(t.answer is not None for t in orig))
-    m.add("sum/response_len", sum(t.num_response_tokens for t in orig))

@@ -22,9 +22,10 @@ import sys
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.config import load_config
 from rexrag_fast.train.metrics import StepMetrics
+from rexrag_fast.train.models import load_policy
 from rexrag_fast.train.packing import tree_sharing
 from rexrag_fast.train.step_batch import StepBatch
-from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_policy, load_train_examples
+from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_train_examples
 
 sys.path.insert(0, os.path.dirname(__file__))
 from trainer_rexrag_step import WRONG_ANSWER, answered  # noqa: E402
