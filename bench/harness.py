@@ -16,12 +16,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.roofline import Peaks, Roofline, device_peaks
+
+__all__ = ["PRESETS", "STAGES", "Peaks", "Progress", "Roofline", "Row", "Skip", "device_peaks", "environment",
+           "format_skips", "format_table", "quick", "skip", "stage", "time_fn"]
+
 PRESETS = ("tiny", "qwen2.5-3b")
+# Set by `throughput.py --quick` (the CPU rehearsal of scripts/gpu_check.sh): stages that honour it measure
+# only their smallest case, so that every code path runs in seconds; its figures are not for reports.
+QUICK = False
+
+
+def quick() -> bool:
+    """True when this run only rehearses the stages (throughput.py --quick)."""
+    return QUICK
 
 
 @dataclasses.dataclass
 class Row:
-    """One measured figure. `speedup` = value / baseline_value (higher is better; units must agree)."""
+    """One measured figure. `speedup` = value / baseline_value (higher is better; units must agree).
+
+    `roofline`, on rows that claim a target, says how close the measured call came to the device's limits."""
 
     stage: str
     name: str
@@ -31,6 +46,7 @@ class Row:
     baseline: str = ""
     config: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    roofline: Roofline | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -41,6 +57,7 @@ class Row:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["speedup"] = self.speedup
+        d["roofline"] = self.roofline.to_json() if self.roofline else None
         return d
 
 
@@ -53,6 +70,24 @@ class Progress:
 
     def __call__(self, msg: str) -> None:
         print(f"  [{self.stage_name} +{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A comparison a stage could not run here (a peer library missing, a path the device lacks), and why."""
+
+    stage: str
+    what: str
+    reason: str
+
+
+SKIPS: list[Skip] = []
+
+
+def skip(stage_name: str, what: str, reason: str) -> None:
+    """Record (and print to stderr) that `what` was not measured in this run, with the reason."""
+    SKIPS.append(Skip(stage_name, what, reason))
+    print(f"  [{stage_name}] skipped {what}: {reason}", file=sys.stderr, flush=True)
 
 
 StageFn = Callable[[str, Progress], list[Row]]
@@ -135,13 +170,22 @@ def _fmt(x: float | None) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
+    """A Markdown table, one line per row; a roofline column when any row carries one."""
     header = ("stage", "name", "config", "value", "unit", "baseline", "baseline value", "speed-up")
     body = [
         (r.stage, r.name, r.config, _fmt(r.value), r.unit, r.baseline, _fmt(r.baseline_value),
          "-" if r.speedup is None else f"{r.speedup:.2f}x")
         for r in rows
     ]
+    if any(r.roofline for r in rows):
+        header += ("roofline (per call: bytes, FLOPs; fraction of peak)",)
+        body = [b + (r.roofline.summary() if r.roofline else "-",) for b, r in zip(body, rows)]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(b) for b in body)])
+
+
+def format_skips(skips: list[Skip]) -> str:
+    """One line per skipped comparison, for under the table."""
+    return "\n".join(f"skipped: {s.stage}: {s.what}: {s.reason}" for s in skips)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreting
+from .launch import cdiv, dot_options, interpreting
 
 # Largest [T, V_chunk] d-logits buffer of the backward, in elements (128 MiB in bf16).
 DLOGITS_BUDGET = 1 << 26
@@ -142,13 +142,6 @@ def _backward_dlogits_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _dot_options(dtype: torch.dtype) -> dict[str, object]:
-    """fp32 inputs take the exact dot path; bf16/fp16 the tensor-core one. The interpreter (triton 3.7) returns
-    garbage for a bf16 tl.dot, so there the half-precision operands are widened to fp32 first (exact)."""
-    widen = dtype != torch.float32 and interpreting()
-    return {"DOT_PRECISION": "tf32" if dtype != torch.float32 and not widen else "ieee", "DOT_IN_FP32": widen}
-
-
 def _num_splits(n_token_blocks: int, n_col_blocks: int, device: torch.device) -> int:
     """Vocab splits so that the grid has ~2 programs per SM (1 under the interpreter)."""
     if device.type != "cuda":
@@ -187,7 +180,7 @@ def linear_logprobs_forward(
     _forward_partials_kernel[(n_token_blocks, splits)](
         hidden, weight, bias if bias is not None else hidden, labels, m, s, a, zy,
         n_tokens, n_vocab, n_hidden, hidden.stride(0), weight.stride(0), temperature, cols_per_split,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, **_dot_options(hidden.dtype),
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, **dot_options(hidden.dtype),
         **cfg,
     )
     if splits == 1:
@@ -258,7 +251,7 @@ def linear_logprobs_backward(
             expected_z if with_entropy else lse, grad_logprob, grad_entropy if with_entropy else grad_logprob,
             dz_chunk, n_tokens, v1, n_hidden, hidden.stride(0), weight.stride(0), dz_chunk.stride(0),
             temperature, v0,
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, **_dot_options(hidden.dtype),
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, **dot_options(hidden.dtype),
             **cfg,
         )
         grad_h += _matmul_fp32(dz_chunk, weight[v0:v1])

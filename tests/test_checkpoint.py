@@ -1,16 +1,20 @@
 """Checkpoints without an engine (trainer state + RNG): atomic layout, corruption detection and fallback,
-keep-last pruning, exact RNG restore. The DeepSpeed engine half is exercised by tests/test_zero3_actor.py."""
+keep-last pruning, exact RNG restore; then with a REAL DeepSpeed ZeRO-3 engine on 2 CPU ranks (gloo): every
+file fsynced before COMPLETE, zeroed and bit-flipped shards detected, a failed load falling back. The resume
+chain of a training run is exercised by tests/test_zero3_actor.py."""
 
 from __future__ import annotations
 
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from dist_helpers import run_torchrun
 
 from rexrag_fast.train.checkpoint import (
     COMPLETE,
@@ -154,3 +158,123 @@ def test_resave_same_step_replaces(tmp_path: Path) -> None:
 def test_keep_last_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep_last: expected >= 1, got 0"):
         save_checkpoint(tmp_path, TrainerState(step=1), keep_last=0)
+
+
+def test_trainer_state_that_fails_to_load_falls_back(tmp_path: Path) -> None:
+    """A checkpoint that verifies (manifest rewritten to match) but whose state cannot be built."""
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    (newest / TRAINER_STATE).write_text('{"step": 2, "no_such_field": 1}')
+    manifest = json.loads((newest / MANIFEST).read_text())
+    manifest["files"][TRAINER_STATE] = {"size": (newest / TRAINER_STATE).stat().st_size}
+    (newest / MANIFEST).write_text(json.dumps(manifest))
+    assert verify_checkpoint(newest) == []
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.state.step == 1
+    assert len(loaded.skipped) == 1
+    assert "step_000002 could not be loaded (rank 0: trainer_state.json: TypeError" in loaded.skipped[0]
+    assert "falling back to the previous one" in loaded.skipped[0]
+
+
+# ------------------------------------------------------------------------- real ZeRO-3 engine, 2 ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_SCRIPT = ROOT / "tests" / "dist_scripts" / "checkpoint_engine.py"
+ENGINE_TIMEOUT_S = 400
+
+
+@pytest.fixture(scope="module")
+def engine_saves(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 ZeRO-3 steps on 2 ranks, each saved hashed (`hashed/`) and size-checked only (`sized/`)."""
+    out = tmp_path_factory.mktemp("engine_saves")
+    run_torchrun([str(ENGINE_SCRIPT), "save", "--out", str(out), "--steps", "2"], cwd=ROOT,
+                 timeout_s=ENGINE_TIMEOUT_S)
+    return out
+
+
+def _fsynced(out: Path) -> dict[int, dict[str, int]]:
+    """rank -> {path inside the final checkpoint directory: order of its last fsync on that rank}."""
+    got: dict[int, dict[str, int]] = {}
+    for f in sorted(out.glob("fsync_rank*.jsonl")):
+        rank = int(f.stem.removeprefix("fsync_rank"))
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            path = rec["path"]
+            for part in Path(path).parts:  # .step_000002.tmp/... is step_000002/... once renamed
+                if part.startswith(".step_") and part.endswith(".tmp"):
+                    path = path.replace(part, part[1:-4])
+            got.setdefault(rank, {})[path] = rec["n"]
+    return got
+
+
+def test_engine_files_fsynced_before_complete(engine_saves: Path) -> None:
+    fsynced = _fsynced(engine_saves)
+    assert sorted(fsynced) == [0, 1]
+    for kind in ("hashed", "sized"):
+        for step_dir in sorted((engine_saves / kind).iterdir()):
+            files = [p for p in step_dir.rglob("*") if p.is_file()]
+            engine_files = [p for p in files if "deepspeed" in p.parts]
+            assert len(engine_files) >= 3, files  # model states + one optimizer shard per rank
+            complete = fsynced[0][str(step_dir / COMPLETE)]
+            for p in files:
+                if p.name == COMPLETE:
+                    continue
+                assert any(str(p) in per_rank for per_rank in fsynced.values()), f"{p} never fsynced"
+                if str(p) in fsynced[0]:
+                    assert fsynced[0][str(p)] < complete, f"{p} fsynced after {COMPLETE}"
+
+
+def _optimizer_shard(step_dir: Path) -> Path:
+    return sorted((step_dir / "deepspeed").rglob("*optim_states.pt"))[-1]
+
+
+def _zero_fill(f: Path) -> None:
+    f.write_bytes(bytes(f.stat().st_size))  # what a power loss leaves: the size is right, the pages are zero
+
+
+def _flip_bytes(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64, 8):
+        data[i] ^= 0x5A
+    f.write_bytes(bytes(data))
+
+
+def test_broken_engine_shards_fall_back_to_the_previous_checkpoint(engine_saves: Path, tmp_path: Path) -> None:
+    cases = {"good": ("hashed", None), "zeroed": ("hashed", _zero_fill), "flipped": ("hashed", _flip_bytes),
+             "zeroed_unhashed": ("sized", _zero_fill)}
+    roots = []
+    broken = {}
+    for name, (kind, corrupt) in cases.items():
+        root = tmp_path / name
+        shutil.copytree(engine_saves / kind, root)
+        if corrupt is not None:
+            shard = _optimizer_shard(root / "step_000002")
+            corrupt(shard)
+            broken[name] = shard.relative_to(root / "step_000002").as_posix()
+        roots.append(str(root))
+    manifest = json.loads((engine_saves / "sized" / "step_000002" / MANIFEST).read_text())
+    assert all(("sha256" in e) == (not rel.startswith("deepspeed/")) for rel, e in manifest["files"].items())
+    # Verification alone: hashes catch both corruptions; sizes alone catch neither.
+    assert any("fails its sha256 check" in p for p in verify_checkpoint(tmp_path / "zeroed" / "step_000002"))
+    assert any("fails its sha256 check" in p for p in verify_checkpoint(tmp_path / "flipped" / "step_000002"))
+    assert verify_checkpoint(tmp_path / "zeroed_unhashed" / "step_000002") == []
+
+    out = tmp_path / "load"
+    run_torchrun([str(ENGINE_SCRIPT), "load", "--out", str(out), "--roots", *roots], cwd=ROOT,
+                 timeout_s=ENGINE_TIMEOUT_S)
+    results = {Path(r["root"]).name: (i, r) for i, r in enumerate(json.loads((out / "loaded.json").read_text()))}
+    expected_step = {"good": 2, "zeroed": 1, "flipped": 1, "zeroed_unhashed": 1}
+    for name, (i, r) in results.items():
+        assert r["step"] == expected_step[name], (name, r)
+        want = torch.load(engine_saves / f"weights_step{r['step']}.pt")
+        got = torch.load(out / f"loaded_{i}.pt")
+        assert want.keys() == got.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (name, key)
+    assert results["good"][1]["skipped"] == []
+    for name in ("zeroed", "flipped"):
+        (msg,) = results[name][1]["skipped"]
+        assert "step_000002 is unusable" in msg and f"{broken[name]} fails its sha256 check" in msg, msg
+    (msg,) = results["zeroed_unhashed"][1]["skipped"]
+    assert "step_000002 could not be loaded" in msg and broken["zeroed_unhashed"] in msg, msg
+    assert "falling back to the previous one" in msg

@@ -63,7 +63,8 @@ def test_serve_command_answers_search_r1_requests(index_dir):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "rexrag_fast.cli", "serve", "--index", str(index_dir),
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -80,7 +81,9 @@ def test_serve_command_answers_search_r1_requests(index_dir):
         with RetrievalClient(f"http://127.0.0.1:{port}/retrieve") as client:
             (hits,) = client.retrieve(["Who founded a company?"], topk=2)
             assert len(hits) == 2 and set(hits[0]) == {"document", "score"}
-        bad = httpx.post(f"http://127.0.0.1:{port}/retrieve", json={"queries": []})
+        empty_turn = httpx.post(f"http://127.0.0.1:{port}/retrieve", json={"queries": []})
+        assert empty_turn.status_code == 200 and empty_turn.json() == {"result": []}
+        bad = httpx.post(f"http://127.0.0.1:{port}/retrieve", json={"queries": "not a list"})
         assert bad.status_code == 422 and proc.poll() is None
     finally:
         proc.terminate()

@@ -22,6 +22,7 @@ from rexrag_fast.retrieval import (
     read_manifest,
 )
 from rexrag_fast.retrieval.embedder import resolve_embedder_dtype, resolve_embedder_path
+from rexrag_fast.retrieval.index import verify_index
 
 N_QUESTIONS = 60
 N_DISTRACTORS = 100
@@ -234,6 +235,18 @@ def test_bad_build_arguments(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no rows"):
         build_index(empty, tmp_path / "i2", progress=False)
+
+
+def test_build_and_verify_show_progress_to_the_end(world_subset, tmp_path, capsys):
+    """tqdm bars (rate and ETA) on the corpus scan, embedding, faiss add, index write and verification hashes."""
+    _, docs, _ = world_subset
+    corpus = _write_corpus(tmp_path / "c.jsonl", docs[:9])
+    build_index(corpus, tmp_path / "idx", chunk_size=4, progress=True)
+    verify_index(tmp_path / "idx", progress=True)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    for desc in ("scanning c.jsonl", "embedding corpus", "faiss add", "writing index", "verifying doc spans",
+                 "verifying faiss index", "verifying corpus"):
+        assert any(line.startswith(f"{desc}: 100%") for line in lines), (desc, lines)
 
 
 @pytest.mark.slow

@@ -159,3 +159,119 @@ def test_saved_config_round_trips(tmp_path: Path, name: str) -> None:
 
 def test_defaults_are_valid() -> None:
     assert load_config(None) == Config()
+
+
+# ------------------------------------------------------------------- values that used to fail late
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["actor.lr=.inf", "rollout.temperature=.inf", "algorithm.norm_adv_eps=.inf", "algorithm.entropy_coeff=.inf",
+     "algorithm.kl_coef=.inf", "algorithm.kl_coef=.nan", "retriever.timeout_s=-.inf", "actor.grad_clip=1e400"],
+)
+def test_non_finite_numbers_are_refused(override: str) -> None:
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny_cpu.yaml", [override])
+    assert [p.split(":", 1)[0] for p in info.value.problems] == [key]
+    assert f"{key}: expected a finite number, got" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "message"),
+    [
+        (f"trainer.seed={2**70}", "trainer.seed", "expected an integer within +-(2**63 - 1)"),
+        (f"trainer.seed={2**32}", "trainer.seed", "must be in [0, 2**32 - 1]"),
+        (f"trainer.max_steps={2**64}", "trainer.max_steps", "expected an integer within +-(2**63 - 1)"),
+        ("data.train_batch_size=1000000000000", "data.train_batch_size", "trajectories per step"),
+        ("actor.max_tokens_per_micro_batch=4294967296", "actor.max_tokens_per_micro_batch", "int32 token offsets"),
+        ("actor.max_nonfinite_updates=0", "actor.max_nonfinite_updates", "must be >= 1"),
+    ],
+)
+def test_out_of_range_values_are_refused(override: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny_cpu.yaml", [override])
+    assert key in [p.split(":", 1)[0] for p in info.value.problems]
+    assert message in str(info.value)
+
+
+def test_limits_accept_their_edges() -> None:
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", [f"trainer.seed={2**32 - 1}", "actor.max_nonfinite_updates=1"])
+    assert cfg.trainer.seed == 2**32 - 1 and cfg.actor.max_nonfinite_updates == 1
+    assert Config().actor.max_nonfinite_updates == 3
+
+
+def _qa_file(path: Path) -> Path:
+    path.write_text('{"id": "q1", "question": "who?", "golden_answers": ["a"]}\n')
+    return path
+
+
+def test_paths_checked_for_a_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    good = _qa_file(tmp_path / "train.jsonl")
+    wrong_kind = tmp_path / "train.csv"
+    wrong_kind.write_text("q,a\n")
+    overrides = [f"data.train_files=[{good}, {tmp_path / 'absent.parquet'}]", f"data.val_files=[{wrong_kind}]",
+                 f"trainer.output_dir={blocker / 'run'}"]
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", overrides)  # reading a config does not touch the disk
+    assert cfg.data.train_files[1].endswith("absent.parquet")
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny_cpu.yaml", overrides, paths=True)
+    problems = info.value.problems
+    assert [p.split(":", 1)[0] for p in problems] == ["data.train_files[1]", "data.val_files[0]",
+                                                      "trainer.output_dir"]
+    assert "no such file" in problems[0] and "absent.parquet" in problems[0]
+    assert "expected a .parquet, .jsonl, .json file" in problems[1]
+    assert "exists and is not a directory" in problems[2]
+    ok = load_config(CONFIGS / "tiny_cpu.yaml", [f"data.train_files=[{good}]",
+                                                 f"trainer.output_dir={tmp_path / 'new' / 'run'}"], paths=True)
+    assert ok.data.train_files == [str(good)]
+    assert not (tmp_path / "new").exists()  # the probe writes in the nearest existing ancestor and removes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "train.csv", "train.jsonl"]
+
+
+def test_train_command_refuses_late_failures_before_loading(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from rexrag_fast.cli import main as cli_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc = cli_main(["train", "--config", str(CONFIGS / "tiny_cpu.yaml"),
+                   f"data.train_files=[{tmp_path / 'nq_train.parquet'}]", f"trainer.output_dir={blocker / 'run'}",
+                   f"trainer.seed={2**70}", "algorithm.kl_coef=.inf", "actor.lr=.inf", "rollout.temperature=.inf",
+                   "algorithm.norm_adv_eps=.inf", "algorithm.entropy_coeff=.inf",
+                   "data.train_batch_size=1000000000000"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "9 problems" in err, err
+    for key in ("data.train_files[0]: no such file", "trainer.output_dir:", "trainer.seed:", "algorithm.kl_coef:",
+                "actor.lr:", "rollout.temperature:", "algorithm.norm_adv_eps:", "algorithm.entropy_coeff:",
+                "data.train_batch_size:"):
+        assert key in err, (key, err)
+    assert "Traceback" not in err
+
+
+def _alias_bomb(levels: int) -> str:
+    """YAML whose each anchor level holds ten aliases of the previous one: 10**levels leaves."""
+    lines = ['a0: &a0 ["x"]']
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_expansion_is_bounded(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb(6))
+    assert bomb.stat().st_size < 600
+    with pytest.raises(ConfigError, match="aliases expand to more than 100,000 nodes"):
+        load_config(bomb)
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("trainer: &t {max_steps: 3, self: *t}\n")
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_config(recursive)
+    # Ordinary anchors stay usable.
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("data: {train_files: &files [a.jsonl, b.jsonl], val_files: *files}\n")
+    cfg = load_config(shared)
+    assert cfg.data.train_files == cfg.data.val_files == ["a.jsonl", "b.jsonl"]

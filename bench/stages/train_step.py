@@ -18,21 +18,32 @@ the weights that call left.
 Presets: tiny = the demo's model "world-small" (2-layer Qwen2, hidden 128, world tokenizer of 8192 tokens),
 untrained, on the embedded world, and a random 2-layer Qwen2 with SmolLM2's 49,152-token vocabulary
 ("tiny-qwen2", where the [T, V] head dominates and the fused log-probs matter most); 2 questions x 2
-rollouts each (an untrained model never answers, so the batch has no probes);
-qwen2.5-3b = the embedded SmolLM2-135M (no larger model ships offline) with the reference's batch shape
-scaled to one GPU: 32 questions x 5 rollouts, 3 turns of up to 128 tokens.
+rollouts each (an untrained model never answers, so the batch has no probes). qwen2.5-3b = a model of
+Qwen2.5-3B's shape (36 layers, hidden 2048, GQA 16/2 heads, MLP 11008, 151,936-token tied head; 3.09B
+parameters) with random weights, trained in bf16 on DeepSpeed ZeRO-3 (1 GPU), the world tokenizer feeding it
+(its ids lie inside the 151,936-token vocabulary), 8 questions x 4 rollouts, 2 turns of up to 64 tokens,
+gradient checkpointing, reference model on the ZeRO-3 engine. The two trainers are built and measured one
+after the other, so that only one 3B model with its optimizer state is on the GPU at a time. Every learn row
+carries its roofline: the FLOPs of the learning part counted as 2 N per token for each forward (old and
+reference log-probs, recomputation under checkpointing) and 4 N for each backward, N = parameters.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import time
 
 import torch
 
-from bench.harness import Progress, Row, stage
+from bench.harness import Progress, Roofline, Row, device_peaks, quick, stage
 from rexrag_fast.testing import TensorMemoryTracker
+
+# Qwen2.5-3B's architecture (its config.json on the Hugging Face hub).
+QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
 
 TINY = ["data.train_batch_size=2", "actor.ppo_mini_batch_size=1", "rollout.n_agent=2", "rollout.max_turns=1",
         "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
@@ -40,11 +51,15 @@ TINY = ["data.train_batch_size=2", "actor.ppo_mini_batch_size=1", "rollout.n_age
 # One list of overrides per measured model.
 PRESETS = {
     "tiny": [["model.path=world-small", *TINY], ["model.path=tiny-qwen2", *TINY]],
-    "qwen2.5-3b": [["model.path=smollm2-135m", "data.train_batch_size=32", "actor.ppo_mini_batch_size=16",
-                   "rollout.n_agent=5", "rollout.max_turns=3", "data.max_prompt_length=2048",
-                   "data.max_start_length=512", "data.max_response_length=128",
-                   "actor.max_tokens_per_micro_batch=16384", "deepspeed.precision=auto"]],
+    "qwen2.5-3b": [["model.path=world-small", "data.train_batch_size=8", "actor.ppo_mini_batch_size=8",
+                   "rollout.n_agent=4", "rollout.max_turns=2", "data.max_prompt_length=1024",
+                   "data.max_start_length=320", "data.max_response_length=64",
+                   "actor.max_tokens_per_micro_batch=8192", "deepspeed.precision=bf16",
+                   "deepspeed.gradient_checkpointing=true", "actor.ref_placement=deepspeed"]],
 }
+# Presets whose model is built here (architecture dict) instead of by load_policy; its tokenizer still comes
+# from model.path.
+SHAPED_MODELS = {"qwen2.5-3b": QWEN25_3B}
 COMMON = ["trainer.seed=3", "actor.lr=1e-5", "trainer.tensorboard=false", "trainer.progress_bar=false",
           "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=0.5",
           "deepspeed.gradient_checkpointing=false", "actor.ref_placement=cpu"]
@@ -70,8 +85,8 @@ def run(preset: str, progress: Progress) -> list[Row]:
     # One process group for every model: DeepSpeed caches its groups, so a second init in-process fails.
     du.init_distributed()
     try:
-        for overrides in PRESETS[preset]:
-            rows += _measure(overrides + COMMON, progress)
+        for overrides in PRESETS[preset][:1] if quick() else PRESETS[preset]:
+            rows += _measure(COMMON + overrides, SHAPED_MODELS.get(preset), progress)
     finally:
         du.destroy_process_group()
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -80,7 +95,24 @@ def run(preset: str, progress: Progress) -> list[Row]:
     return rows
 
 
-def _measure(overrides: list[str], progress: Progress) -> list[Row]:
+def shaped_model(arch: dict, seed: int, device: torch.device | str = "cpu"):
+    """A Qwen2ForCausalLM of the architecture `arch` (e.g. QWEN25_3B) with random fp32 weights on `device`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return Qwen2ForCausalLM(Qwen2Config(**arch)).float().train()
+
+
+def _learn_flops(n_params: int, tokens: float, cfg) -> float:
+    """FLOPs of one learn(): old and reference log-prob forwards (2N per token each), then per epoch a forward
+    (2N), a recomputed forward under gradient checkpointing (2N) and a backward (4N)."""
+    forwards = 1 + (cfg.actor.ref_placement != "none")  # old, reference
+    per_epoch = 2 + (2 if cfg.deepspeed.gradient_checkpointing else 0) + 4
+    return n_params * tokens * (2 * forwards + per_epoch * cfg.actor.ppo_epochs)
+
+
+def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> list[Row]:
     """Rows for one model: a rolled-out batch learned by the fused and by the eager path."""
     from rexrag_fast.train.config import load_config
     from rexrag_fast.train.metrics import StepMetrics
@@ -89,26 +121,33 @@ def _measure(overrides: list[str], progress: Progress) -> list[Row]:
     base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
                        overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step"])
     model, tokenizer = load_policy(base)
+    model_name = {"tiny-qwen2": "tiny-qwen2, 49k vocab"}.get(base.model.path, base.model.path)
+    if arch is not None:
+        model = shaped_model(arch, base.trainer.seed)
+        model_name = f"Qwen2.5-3B-shaped, random, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B"
+        progress(f"built {model_name}")
+    n_params = sum(p.numel() for p in model.parameters())
     retriever = build_trainer_retriever(base)
     examples = load_train_examples(base)
     cuda = torch.cuda.is_available()
-    trainers = {}
+    seconds, peak, metrics = {}, {}, {}
+    batch = None
     for path, fused in (("fused", True), ("eager", False)):
         cfg = copy.deepcopy(base)
         cfg.actor.use_fused_kernels = fused
-        trainers[path] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
-                                   examples=examples)
-    progress(f"{base.model.path}: trainers built; rolling out")
-    t0 = time.perf_counter()
-    rollout_m = StepMetrics()
-    batch = trainers["fused"].rollout(rollout_m)
-    probes_made = int(rollout_m.sums.get("count/probes_made", 0))
-    rollout_s = time.perf_counter() - t0
-    tokens = sum(len(t) for t in batch.trajs)
-    progress(f"rollout: {len(batch.trajs)} trajectories ({probes_made} probes), "
-             f"{tokens} tokens in {rollout_s:.1f}s")
-    seconds, peak, metrics = {}, {}, {}
-    for path, trainer in trainers.items():
+        # The last user of `model` takes it itself: one copy fewer of a 3B model in host memory.
+        trainer = RLTrainer(cfg, model=model if path == "eager" else copy.deepcopy(model), tokenizer=tokenizer,
+                            retriever=retriever, examples=examples)
+        progress(f"{path}: trainer built")
+        if batch is None:
+            t0 = time.perf_counter()
+            rollout_m = StepMetrics()
+            batch = trainer.rollout(rollout_m)
+            probes_made = int(rollout_m.sums.get("count/probes_made", 0))
+            rollout_s = time.perf_counter() - t0
+            tokens = sum(len(t) for t in batch.trajs)
+            progress(f"rollout: {len(batch.trajs)} trajectories ({probes_made} probes), "
+                     f"{tokens} tokens in {rollout_s:.1f}s")
         # Untimed first call: warms DeepSpeed up and measures peak memory.
         state = copy.deepcopy(trainer.state)
         if cuda:
@@ -130,6 +169,10 @@ def _measure(overrides: list[str], progress: Progress) -> list[Row]:
             torch.cuda.synchronize()
         seconds[path] = time.perf_counter() - t0
         progress(f"{path}: learn {seconds[path]:.2f}s, peak {peak[path] / 2**20:.1f} MiB")
+        del trainer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
     train_tokens = metrics["fused"]["batch/train_tokens"]
     config = (f"{base.model.path}, {len(batch.trajs)} traj ({probes_made} probes), "
@@ -140,12 +183,18 @@ def _measure(overrides: list[str], progress: Progress) -> list[Row]:
     learn = {p: train_tokens / seconds[p] for p in seconds}
     extra = {"rollout_s": rollout_s, "learn_s_fused": seconds["fused"], "learn_s_eager": seconds["eager"],
              "loss_fused": metrics["fused"]["actor/loss"], "loss_eager": metrics["eager"]["actor/loss"]}
-    model_name = {"tiny-qwen2": "tiny-qwen2, 49k vocab"}.get(base.model.path, base.model.path)
+    flops = _learn_flops(n_params, train_tokens, base)
+    # Bytes: the bf16 (fp32 on CPU) weights read by each forward and backward, fp32 master weights and Adam
+    # moments read and written once per optimizer step; activations are not counted (a lower bound).
+    weight_bytes = n_params * (2 if cuda else 4)
+    steps = base.actor.ppo_epochs * max(1, base.data.train_batch_size // base.actor.ppo_mini_batch_size)
+    moved = weight_bytes * 6 + n_params * 4 * 3 * 2 * steps
+    roof = Roofline(moved, flops, seconds["fused"], device_peaks("cuda" if cuda else "cpu"))
     return [
         Row("train_step", f"full RL step ({model_name})", step["fused"], "train tokens/s", step["eager"],
             "eager log-probs + loss", config, extra),
         Row("train_step", f"learn ({model_name})", learn["fused"], "train tokens/s", learn["eager"],
-            "eager log-probs + loss", config),
+            "eager log-probs + loss", config, {"flops": flops}, roof),
         Row("train_step", f"peak memory of learn ({model_name})", peak["fused"] / 2**20, "MiB", None, "", config,
             {"eager_MiB": peak["eager"] / 2**20}),
         Row("train_step", f"memory ratio ({model_name})", peak["fused"] / peak["eager"], "fused / eager peak", None, "",

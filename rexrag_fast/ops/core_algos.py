@@ -15,6 +15,7 @@ Shapes: `[B, L]` = (sequences, padded response length). Masks are 0/1 (bool, int
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -38,7 +39,7 @@ POLICY_LOSS_REGISTRY: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {}
 def _register(registry: dict[str, Callable], kind: str, name: str) -> Callable[[Callable], Callable]:
     def decorator(fn: Callable) -> Callable:
         if registry.get(name, fn) is not fn:
-            raise ValueError(f"{kind} {name!r} is already registered (to {registry[name].__name__})")
+            raise ValueError(f"{kind} {name!r} is already registered (to {registry[name]!r})")
         registry[name] = fn
         return fn
 
@@ -111,17 +112,6 @@ def _group_mean_std_count(scores: torch.Tensor, group: torch.Tensor) -> tuple[to
     return mean, std, count[group]
 
 
-def _config_value(config: object | None, name: str, default: object) -> object:
-    """`config.name` (attribute or mapping key, as verl's dataclass and DictConfig configs), else default."""
-    if config is None:
-        return default
-    if isinstance(config, dict) or hasattr(config, "get"):
-        value = config.get(name, None)  # type: ignore[union-attr]
-        return default if value is None else value
-    return getattr(config, name, default)
-
-
-@register_adv_est("grpo")
 def compute_grpo_outcome_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -132,8 +122,8 @@ def compute_grpo_outcome_advantage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantage (Dr. GRPO when `norm_adv_by_std_in_grpo=False`).
 
-    `config` is verl's AlgoConfig (its registry passes one to every estimator): when it has
-    `norm_adv_by_std_in_grpo`, that value is used, as in verl's estimators that read it from the config.
+    `config` (verl's AlgoConfig, which verl's registry passes to every estimator) is accepted and unused, as
+    in verl's own function: the std normalisation is the explicit argument.
 
     With r_i = sum_t token_level_rewards[i, t] and G(i) the sequences sharing `index[i]`:
         A_i = (r_i - mean_G(r)) / (std_G(r) + epsilon)   (GRPO; std unbiased, as torch.std)
@@ -144,7 +134,7 @@ def compute_grpo_outcome_advantage(
     Args: token_level_rewards [B, L], response_mask [B, L], index [B] group labels (any hashable values).
     Returns: (advantages [B, L], returns [B, L]), the same tensor twice, as verl.
     """
-    norm_adv_by_std_in_grpo = bool(_config_value(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo))
+    del config
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
         group = _dense_group_index(index, scores.shape[0]).to(scores.device)
@@ -157,23 +147,6 @@ def compute_grpo_outcome_advantage(
     return adv, adv
 
 
-@register_adv_est("dr_grpo")
-def compute_drgrpo_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: Sequence | np.ndarray | torch.Tensor,
-    epsilon: float = 1e-6,
-    config: object | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dr. GRPO (arXiv 2503.20783): A_i = r_i - mean_G(r), no std normalisation; a group of one keeps r_i.
-    `compute_grpo_outcome_advantage(..., norm_adv_by_std_in_grpo=False)`. Shapes as there; `config` (verl's
-    registry passes one) is accepted and unused."""
-    del config
-    return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
-                                          norm_adv_by_std_in_grpo=False)
-
-
-@register_adv_est("rloo")
 def compute_rloo_outcome_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -217,7 +190,6 @@ def behaviour_log_prob(old_log_prob: torch.Tensor, probe_log_prob: torch.Tensor,
     return torch.logaddexp(old_log_prob + float(np.log1p(-alpha)), probe_log_prob + float(np.log(alpha)))
 
 
-@register_policy_loss("vanilla")
 def compute_policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -363,3 +335,12 @@ def agg_loss(
         scale = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
         return masked_sum(loss_mat, loss_mask) / scale
     raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+
+
+# The built-in entries of the registries (verl's names).
+register_adv_est("grpo")(compute_grpo_outcome_advantage)
+# Dr. GRPO (arXiv 2503.20783): A_i = r_i - mean_G(r), GRPO without the std normalisation.
+compute_drgrpo_outcome_advantage = register_adv_est("dr_grpo")(
+    functools.partial(compute_grpo_outcome_advantage, norm_adv_by_std_in_grpo=False))
+register_adv_est("rloo")(compute_rloo_outcome_advantage)
+register_policy_loss("vanilla")(compute_policy_loss)

@@ -19,7 +19,7 @@ Backends: "triton" runs kernels/policy_loss.py: a one-launch per-sequence pre-pa
 advantages, one pass over the tokens forward plus a one-program finalize (loss, metrics, backward
 weights), and one pass backward, with no host sync. "torch" runs the same fused formulas with PyTorch
 tensor ops and a closed-form backward (the CPU path). Neither keeps [T]-sized float intermediates for backward: backward
-recomputes from the inputs. The input check (`check_inputs`) reads two flags back to the host.
+recomputes from the inputs. The input check (`check_inputs`) reads three flags back to the host.
 `policy_loss_reference` is the clarity-first composition of the verl-compatible functions in
 `core_algos`, differentiated by autograd; tests compare all three.
 
@@ -320,8 +320,12 @@ class _FusedPolicyLoss(torch.autograd.Function):
 # argument checks and layouts
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c, adv_estimator,
-                   loss_agg_mode, kl_coef) -> _LossConfig:
+                   loss_agg_mode, kl_coef, epsilon) -> _LossConfig:
     if kl_type not in core_algos.KL_TYPES_ALL:
         raise ValueError(f"kl_type: expected one of {core_algos.KL_TYPES_ALL}, got {kl_type!r}")
     core_algos.get_adv_estimator_fn(adv_estimator)  # ValueError naming the registered estimators
@@ -334,10 +338,13 @@ def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, 
     for name, value in (("clip_ratio_low", low), ("clip_ratio_high", high)):
         if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
             raise ValueError(f"{name}: expected a finite clip range >= 0, got {value!r}")
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1.0, got {clip_ratio_c!r}")
-    if not math.isfinite(kl_coef):
+    if not (_is_number(clip_ratio_c) and 1.0 < clip_ratio_c < math.inf):
+        raise ValueError(f"clip_ratio_c: the dual-clip bound must be a finite number > 1.0, got {clip_ratio_c!r}")
+    if not (_is_number(kl_coef) and math.isfinite(kl_coef)):
         raise ValueError(f"kl_coef: expected a finite number, got {kl_coef!r}")
+    # epsilon divides the advantage of a group whose rewards are all equal (std 0): 0 or NaN gives 0/0.
+    if not (_is_number(epsilon) and 0.0 < epsilon < math.inf):
+        raise ValueError(f"epsilon: expected a finite number > 0 (the GRPO std guard), got {epsilon!r}")
     return _LossConfig(
         lo_bound=1 - low, hi_bound=1 + high, clip_c=float(clip_ratio_c),
         log1m_alpha=math.log1p(-alpha), log_alpha=math.log(alpha) if alpha > 0 else -math.inf,
@@ -345,26 +352,40 @@ def _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, 
         agg_mode=loss_agg_mode)
 
 
-def _check_values(logprobs: torch.Tensor, cu: torch.Tensor, rewards: torch.Tensor | None, packed: bool) -> None:
-    """The one host sync of the op: reject non-finite rewards and malformed cu_seqlens."""
+def _bad_cu_seqlens(cu: torch.Tensor, T: int) -> torch.Tensor:
+    """0-d bool: offsets that do not run non-decreasing from 0 to T (a negative length makes the torch path's
+    repeat_interleave write out of bounds)."""
+    return (cu[0] != 0) | (cu[-1] != T) | (cu[1:] < cu[:-1]).any()
+
+
+def _raise_bad_cu_seqlens(cu: torch.Tensor, T: int) -> None:
+    raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={T}, "
+                     f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+
+
+def _check_values(logprobs: torch.Tensor, mask: torch.Tensor, cu: torch.Tensor, rewards: torch.Tensor | None,
+                  packed: bool) -> None:
+    """The one host sync of the op: reject non-finite rewards, a non-bool mask with values other than 0 and 1,
+    and malformed cu_seqlens."""
     dev = logprobs.device
-    bad_rewards = (~torch.isfinite(rewards)).any() if rewards is not None else torch.zeros((), dtype=torch.bool)
-    if packed:
-        lengths = cu[1:] - cu[:-1]
-        bad_cu = (cu[0] != 0) | (cu[-1] != logprobs.numel()) | (lengths < 0).any()
-    else:
-        bad_cu = torch.zeros((), dtype=torch.bool, device=dev)
-    flags = torch.stack([bad_rewards.to(dev), bad_cu]).tolist()
+    none = torch.zeros((), dtype=torch.bool, device=dev)
+    bad_rewards = (~torch.isfinite(rewards)).any().to(dev) if rewards is not None else none
+    bad_mask = ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else none
+    bad_cu = _bad_cu_seqlens(cu, logprobs.numel()) if packed else none
+    flags = torch.stack([bad_rewards, bad_mask, bad_cu]).tolist()
     if flags[0]:
         bad = rewards[~torch.isfinite(rewards)][:4].tolist()
         raise ValueError(f"rewards: expected finite values, got non-finite rewards such as {bad}")
     if flags[1]:
-        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={logprobs.numel()}, "
-                         f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+        bad = mask[(mask != 0) & (mask != 1)][:4].tolist()
+        raise ValueError(f"response_mask: expected 0/1 values (a {mask.dtype} mask selects tokens, it does not "
+                         f"weight them), got values such as {bad}")
+    if flags[2]:
+        _raise_bad_cu_seqlens(cu, logprobs.numel())
 
 
 def _to_packed(logprobs, old_logprobs, response_mask, cu_seqlens, advantages, ref_logprobs, probe_logprobs,
-               rewards, group_ids, loss_scale_factor, check_inputs):
+               rewards, group_ids, loss_scale_factor, check_inputs, backend):
     """Validate tensors; return flat [T] views, cu_seqlens int32 [B+1], the sequence width (padded layout
     only) and the sum-norm divisor (a float, or None for the longest sequence of a packed batch)."""
     check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES)
@@ -404,10 +425,15 @@ def _to_packed(logprobs, old_logprobs, response_mask, cu_seqlens, advantages, re
         raise ValueError("group_ids: only used with rewards; advantages were given precomputed")
 
     if check_inputs:
-        _check_values(logprobs, cu, rewards, packed=L is None)
+        _check_values(logprobs, response_mask, cu, rewards, packed=L is None)
+    # Unchecked, cu_seqlens is still checked where that is cheap (no device sync on CPU tensors) or needed
+    # (the torch path indexes with the lengths); only the Triton kernels on a GPU, which clamp every index
+    # to the batch, go without.
+    elif L is None and (cu.device.type == "cpu" or backend == "torch") and bool(_bad_cu_seqlens(cu, logprobs.numel())):
+        _raise_bad_cu_seqlens(cu, logprobs.numel())
     if loss_scale_factor is not None:
-        if not (isinstance(loss_scale_factor, (int, float)) and loss_scale_factor > 0):
-            raise ValueError(f"loss_scale_factor: expected a positive number, got {loss_scale_factor!r}")
+        if not (_is_number(loss_scale_factor) and 0 < loss_scale_factor < math.inf):
+            raise ValueError(f"loss_scale_factor: expected a finite number > 0, got {loss_scale_factor!r}")
         scale = float(loss_scale_factor)
     else:
         scale = None if L is None else float(max(L, 1))
@@ -469,13 +495,20 @@ def fused_policy_loss(
             in [0, 1). alpha = 0 ignores probe_logprobs and is exactly the plain PPO/GRPO loss.
         clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c: ratio clipped to
             [1 - low, 1 + high] (both default to clip_ratio); dual clip at c > 1 for negative advantages.
-        epsilon: GRPO std guard.
+        epsilon: GRPO std guard, finite and > 0 (grpo divides by std + epsilon; std is 0 in a group of
+            equal rewards).
         loss_agg_mode: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm.
         loss_scale_factor: divisor of seq-mean-token-sum-norm; default L (padded) or the longest sequence
             (packed), i.e. the L of the equivalent padded batch.
         backend: "auto" (Triton on CUDA tensors, PyTorch on CPU), "triton" or "torch".
-        check_inputs: check values (finite rewards, well-formed cu_seqlens); this reads two flags back to
-            the host, the op's only sync. False skips it (shapes, dtypes and devices are always checked).
+        check_inputs: check values: finite rewards, 0/1 values in a non-bool response_mask, well-formed
+            cu_seqlens; this reads three flags back to the host, the op's only sync. False skips those reads;
+            then a non-bool mask counts every non-zero value as 1 and, on the Triton path with CUDA tensors
+            only, malformed cu_seqlens give a wrong loss instead of an error. Always checked, whatever the
+            flag: shapes, dtypes, devices, options and every scalar (finite, in range), and cu_seqlens on CPU
+            tensors or the torch path (no sync there, and malformed offsets would corrupt memory).
+            Neither setting looks at the log-probs: NaN or inf there gives a non-finite loss (the trainer
+            skips such updates, see rexrag_fast.train.finite_guard).
 
     Returns:
         loss: 0-d fp32 tensor, differentiable w.r.t. logprobs.
@@ -490,17 +523,19 @@ def fused_policy_loss(
             pg_loss, kl_loss  the two aggregated terms of the loss.
         Nothing here reads a value back to the host except validation (see below).
 
-    Raises: ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, options, and (with
-    check_inputs) non-finite rewards or malformed cu_seqlens.
+    Raises: ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, options, non-finite or
+    out-of-range scalars, malformed cu_seqlens, and (with check_inputs) non-finite rewards or a mask that is
+    not 0/1.
     """
     cfg = _check_options(kl_type, alpha, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c,
-                         adv_estimator, loss_agg_mode, kl_coef)
+                         adv_estimator, loss_agg_mode, kl_coef, epsilon)
     if alpha > 0 and probe_logprobs is None:
         raise ValueError("probe_logprobs: required when alpha > 0 (log mu per token, -inf on original tokens)")
+    check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES)
+    backend = resolve_backend(backend, logprobs.device)
     lp, old, mask, cu, width, adv_tok, ref, probe, scale = _to_packed(
         logprobs, old_logprobs, response_mask, cu_seqlens, advantages, ref_logprobs, probe_logprobs,
-        rewards, group_ids, loss_scale_factor, check_inputs)
-    backend = resolve_backend(backend, lp.device)
+        rewards, group_ids, loss_scale_factor, check_inputs, backend)
     if alpha == 0:
         probe = None
     adv_seq = None

@@ -1,8 +1,9 @@
 """Search-R1 corpus files: JSONL rows {"id": ..., "contents": "\"Title\"\\ntext"}, read as a stream.
 
 A 21M-row corpus (wiki-18) is never loaded whole: `scan_corpus` makes one pass that yields the sha256 and the
-byte offset of every row, `iter_corpus_chunks` streams rows in fixed-size chunks, and `DocStore` fetches rows by
-index with positioned reads (os.pread, safe from many threads) using the saved offsets.
+byte offset of every row (with a progress bar and ETA over the bytes), `file_sha256` re-hashes any file the same
+way, `iter_corpus_chunks` streams rows in fixed-size chunks, and `DocStore` fetches rows by index with positioned
+reads (os.pread, safe from many threads) using the saved offsets.
 """
 
 from __future__ import annotations
@@ -40,11 +41,33 @@ def parse_row(line: bytes | str, where: str) -> dict[str, Any]:
     return row
 
 
-def scan_corpus(path: str | os.PathLike[str], block_rows: int = 65536) -> tuple[str, np.ndarray]:
+def byte_progress(total: int | None, desc: str, progress: bool = True, position: int | None = None) -> Any:
+    """A tqdm bar counting bytes (KiB/MiB, rate and ETA); disabled when progress is False; `position`: its line
+    when several bars run at once."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress,
+                dynamic_ncols=True, mininterval=1.0, position=position)
+
+
+def file_sha256(path: str | os.PathLike[str], progress: bool = False, desc: str | None = None,
+                position: int | None = None, block_bytes: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, read in `block_bytes` blocks (progress: a tqdm bar over the bytes, with ETA)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, \
+            byte_progress(path.stat().st_size, desc or f"sha256 {path.name}", progress, position) as bar:
+        while block := f.read(block_bytes):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def scan_corpus(path: str | os.PathLike[str], progress: bool = False) -> tuple[str, np.ndarray]:
     """One streaming pass over a corpus file.
 
     Returns (sha256 hex digest of the file's bytes, spans [N, 2] int64 of (start byte, end byte) per non-blank
-    row, newline excluded). Memory: 16 bytes per row, never the text.
+    row, newline excluded). Memory: 16 bytes per row, never the text. progress: a tqdm bar over the bytes.
     """
     path = Path(path)
     if not path.is_file():
@@ -52,7 +75,7 @@ def scan_corpus(path: str | os.PathLike[str], block_rows: int = 65536) -> tuple[
     digest = hashlib.sha256()
     starts, ends = array("q"), array("q")
     offset = 0
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, byte_progress(path.stat().st_size, f"scanning {path.name}", progress) as bar:
         for line in f:
             digest.update(line)
             stripped = line.rstrip(b"\r\n")
@@ -60,6 +83,9 @@ def scan_corpus(path: str | os.PathLike[str], block_rows: int = 65536) -> tuple[
                 starts.append(offset)
                 ends.append(offset + len(stripped))
             offset += len(line)
+            if offset - bar.n >= 1 << 24:  # tqdm.update per line would cost more than the hashing
+                bar.update(offset - bar.n)
+        bar.update(offset - bar.n)
     spans = np.empty((len(starts), 2), dtype=np.int64)
     spans[:, 0] = np.frombuffer(starts, dtype=np.int64) if len(starts) else 0
     spans[:, 1] = np.frombuffer(ends, dtype=np.int64) if len(ends) else 0

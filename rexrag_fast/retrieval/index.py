@@ -1,9 +1,10 @@
 """Dense faiss index over a corpus: chunked, resumable build with a manifest, and a checked loader.
 
 Index directory layout:
-    manifest.json     {"embedder", "dimension", "count", "corpus_sha256", "corpus_path", "corpus_bytes",
-                       "index_type", "index_params", "metric": "inner_product", "chunk_size", ...}; written last,
-                       so its presence means the build completed
+    manifest.json     {"embedder", "embedder_dtype", "pooling", "query_prefix", "passage_prefix", "dimension",
+                       "count", "corpus_sha256", "corpus_path", "corpus_bytes", "index_sha256", "index_bytes",
+                       "spans_sha256", "spans_bytes", "index_type", "index_params", "metric": "inner_product",
+                       "chunk_size", ...}; written last, so its presence means the build completed
     index.faiss       the faiss index (vectors are L2-normalised, so inner product = cosine similarity)
     doc_spans.npy     [N, 2] int64 byte spans of the corpus rows: row i of the index is document i
     build.json        settings of a build in progress (corpus checksum, embedder, chunk size, index config)
@@ -13,6 +14,12 @@ Bounded memory while embedding: one chunk of text and vectors at a time. A crash
 arguments keeps its completed chunks and embeds only the rest; the result is the same index. Index types:
 "flat" (exact, IndexFlatIP, what Search-R1 serves), "ivf" (IndexIVFFlat, nlist clusters, nprobe probed) and
 "hnsw" (IndexHNSWFlat, graph with M links; its multi-threaded construction is not bit-reproducible).
+A resume with a different embedder, compute dtype, pooling or prefix is refused, naming the field.
+
+Integrity: the manifest records the sha256 and size of index.faiss, doc_spans.npy and the corpus. `DenseIndex.load`
+always checks the sizes and that each file parses (cheap); `verify_index` re-hashes all three (what `serve` runs at
+start-up), so a corpus edited in place, swapped span rows or an overwritten vector are refused, not served.
+`import_faiss_index` wraps a faiss file built elsewhere (Search-R1's e5_Flat.index) in this layout.
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from rexrag_fast.retrieval.corpus import DocStore, scan_corpus
+from rexrag_fast.retrieval.corpus import DocStore, byte_progress, file_sha256, scan_corpus
 from rexrag_fast.retrieval.embedder import DEFAULT_EMBEDDER, Embedder, get_embedder
 
-INDEX_FORMAT_VERSION = 1
+# 2: checksums, embedder dtype, pooling and prefixes in the manifest.
+INDEX_FORMAT_VERSION = 2
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -41,8 +49,16 @@ BUILD_STATE_FILE = "build.json"
 CHUNK_DIR = "chunks"
 
 
+# Manifest keys that shape a build but not what the finished index means: a complete index is reused across them.
+BUILD_ONLY_KEYS = ("chunk_size", "embedder_dtype")
+
+
 class IndexMismatchError(ValueError):
     """An index directory does not match what the caller asked for (embedder, dimension, corpus)."""
+
+
+class IndexIntegrityError(IndexMismatchError):
+    """A file of an index directory is damaged or changed since the build (unreadable, wrong size or checksum)."""
 
 
 @dataclasses.dataclass
@@ -82,9 +98,10 @@ def build_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     Rows are embedded `chunk_size` at a time; each finished chunk [n, D] float32 is saved before the next starts,
     and `on_chunk_done(k, n_chunks)` runs after chunk k is saved. Re-running after a crash (same chunk_size) resumes
     from the saved chunks. If `out_dir` already holds a complete index of the same corpus, embedder and config (any
-    chunk_size), nothing is rebuilt. Returns the manifest dict.
+    chunk_size), nothing is rebuilt. Progress bars (progress=True): corpus scan, embedding, faiss add, index write.
+    Returns the manifest dict.
     """
-    import faiss
+    from tqdm import tqdm
 
     config = config or IndexConfig()
     config.validate()
@@ -94,36 +111,41 @@ def build_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     out = Path(out_dir)
     emb = embedder if isinstance(embedder, Embedder) else get_embedder(embedder)
 
-    sha, spans = scan_corpus(corpus_path)
+    sha, spans = scan_corpus(corpus_path, progress=progress)
     n_docs = int(spans.shape[0])
     if n_docs == 0:
         raise ValueError(f"corpus {corpus_path} has no rows")
     wanted = {"format_version": INDEX_FORMAT_VERSION, "corpus_sha256": sha, "embedder": emb.name,
-              "dimension": emb.dimension, "count": n_docs, "chunk_size": chunk_size,
-              "index_type": config.index_type, "index_params": dataclasses.asdict(config)}
+              "embedder_dtype": emb.dtype, "pooling": emb.pooling, "query_prefix": emb.query_prefix,
+              "passage_prefix": emb.passage_prefix, "dimension": emb.dimension, "count": n_docs,
+              "chunk_size": chunk_size, "index_type": config.index_type, "index_params": dataclasses.asdict(config)}
 
     manifest_path = out / MANIFEST_FILE
     if manifest_path.is_file() and not overwrite:
-        existing = json.loads(manifest_path.read_text())
-        # The chunk size only shapes the build, not what the finished index means.
-        if all(existing.get(k) == v for k, v in wanted.items() if k != "chunk_size"):
+        existing = read_json_object(manifest_path)
+        if existing.get("format_version") != INDEX_FORMAT_VERSION:
+            warnings.warn(f"{out} holds an index in format {existing.get('format_version')!r}, this code writes "
+                          f"{INDEX_FORMAT_VERSION} (checksums, embedding recipe): rebuilding it", stacklevel=2)
+            overwrite = True
+        elif all(existing.get(k) == v for k, v in wanted.items() if k not in BUILD_ONLY_KEYS):
             return existing
-        raise IndexMismatchError(f"{out} already holds a different index ({_describe(existing)}); "
-                                 "pass overwrite=True (--overwrite) or choose another output directory")
+        else:
+            raise IndexMismatchError(f"{out} already holds a different index ({_describe(existing)}); "
+                                     "pass overwrite=True (--overwrite) or choose another output directory")
     state_path = out / BUILD_STATE_FILE
     if state_path.is_file() and not overwrite:
-        state = json.loads(state_path.read_text())
+        state = read_json_object(state_path)
         if state != wanted:
-            diff = sorted(k for k in wanted if state.get(k) != wanted[k])
-            raise IndexMismatchError(f"{out} holds a partial build with different {', '.join(diff)}; pass "
-                                     "overwrite=True (--overwrite) to discard it or choose another output directory")
-    elif overwrite and out.exists():
-        for name in (MANIFEST_FILE, INDEX_FILE, SPANS_FILE, BUILD_STATE_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
+            # Chunks embedded under other settings would be mixed into this index: name each difference.
+            diff = "; ".join(f"{k}: partial build {state.get(k)!r}, now {wanted[k]!r}"
+                             for k in wanted if state.get(k) != wanted[k])
+            raise IndexMismatchError(f"{out} holds a partial build with different settings ({diff}); resume with "
+                                     "the same settings, or pass overwrite=True (--overwrite) to discard it")
+    if overwrite and out.exists():
+        _clear_index_dir(out)
     chunk_dir = out / CHUNK_DIR
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(state_path, json.dumps(wanted, indent=1))
+    atomic_write_text(state_path, json.dumps(wanted, indent=1))
 
     n_chunks = math.ceil(n_docs / chunk_size)
     docs = DocStore(corpus_path, spans)
@@ -135,41 +157,176 @@ def build_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     index = _new_index(config, emb.dimension, n_docs)
     if config.index_type == "ivf":
         index.train(_training_sample(chunk_dir, n_chunks, n_docs, index.nlist * 64))
-    for k in range(n_chunks):
-        index.add(np.load(_chunk_path(chunk_dir, k)))
+    with tqdm(total=n_docs, unit="vec", desc="faiss add", disable=not progress, dynamic_ncols=True) as bar:
+        for k in range(n_chunks):
+            vectors = np.load(_chunk_path(chunk_dir, k))
+            index.add(vectors)
+            bar.update(len(vectors))
     if index.ntotal != n_docs:
         raise RuntimeError(f"index holds {index.ntotal} vectors but the corpus has {n_docs} rows")
 
-    tmp_index = out / (INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp_index))
-    os.replace(tmp_index, out / INDEX_FILE)
-    tmp_spans = out / (SPANS_FILE + ".tmp.npy")
-    np.save(tmp_spans, spans)
-    os.replace(tmp_spans, out / SPANS_FILE)
     manifest = {**wanted, "corpus_path": str(corpus_path), "corpus_bytes": corpus_path.stat().st_size,
-                "metric": "inner_product", "normalized": True}
+                "metric": "inner_product", "normalized": True,
+                **_write_faiss(index, out / INDEX_FILE, progress), **write_spans(spans, out / SPANS_FILE)}
     if config.index_type == "ivf":
         manifest["ivf_nlist"] = int(index.nlist)
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     state_path.unlink(missing_ok=True)
     if not keep_chunks:
         shutil.rmtree(chunk_dir, ignore_errors=True)
     return manifest
 
 
+def import_faiss_index(faiss_path: str | os.PathLike[str], corpus_path: str | os.PathLike[str],
+                       out_dir: str | os.PathLike[str], embedder: Embedder | str = DEFAULT_EMBEDDER,
+                       progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Wrap a faiss index built elsewhere (e.g. Search-R1's e5_Flat.index over wiki-18) into an index directory.
+
+    Row i of the faiss index must be row i of `corpus_path` (Search-R1 embeds the corpus in file order). The
+    faiss file is hard-linked into `out_dir` when on the same filesystem, else copied; the manifest records the
+    embedder with its pooling and prefixes (`embedder.pooling`, `.query_prefix`, `.passage_prefix`, set them to
+    how the passages were embedded), so queries are embedded the same way. Checks: vector count = corpus rows,
+    dimension = the embedder's, inner-product metric, and (flat/HNSW) that re-embedding the first 16 rows
+    reproduces the stored vectors. Nothing else is re-embedded. Returns the manifest dict.
+    """
+    import faiss
+
+    faiss_path, corpus_path, out = Path(faiss_path), Path(corpus_path).resolve(), Path(out_dir)
+    if not faiss_path.is_file():
+        raise FileNotFoundError(f"faiss index to import not found: {faiss_path}")
+    emb = embedder if isinstance(embedder, Embedder) else get_embedder(embedder)
+    if (out / MANIFEST_FILE).is_file() or (out / BUILD_STATE_FILE).is_file():
+        if not overwrite:
+            raise IndexMismatchError(f"{out} already holds an index; pass overwrite=True (--overwrite) or choose "
+                                     "another output directory")
+        _clear_index_dir(out)
+    sha, spans = scan_corpus(corpus_path, progress=progress)
+    n_docs = int(spans.shape[0])
+
+    # read_index returns the concrete class; IO_FLAG_MMAP maps the vectors instead of reading 60 GB into memory.
+    index = _read_faiss(faiss_path, faiss.IO_FLAG_MMAP)
+    if index.ntotal != n_docs:
+        raise IndexMismatchError(f"{faiss_path} holds {index.ntotal} vectors but corpus {corpus_path} has {n_docs} "
+                                 "rows: row i of the index must be row i of the corpus it was built from")
+    if index.d != emb.dimension:
+        raise IndexMismatchError(f"{faiss_path} holds {index.d}-d vectors but embedder {emb.name!r} gives "
+                                 f"{emb.dimension}-d vectors: pass the model the index was built with")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexMismatchError(f"{faiss_path} uses faiss metric {index.metric_type}, expected inner product "
+                                 f"({faiss.METRIC_INNER_PRODUCT}) over unit vectors as Search-R1's dense indexes")
+    config = IndexConfig()
+    if isinstance(index, faiss.IndexIVF):
+        config = IndexConfig("ivf", nlist=int(index.nlist), nprobe=int(index.nprobe))
+    elif isinstance(index, faiss.IndexHNSW):
+        config = IndexConfig("hnsw", ef_search=int(index.hnsw.efSearch))
+    elif not isinstance(index, faiss.IndexFlat):
+        raise IndexMismatchError(f"{faiss_path} is a {type(index).__name__}; importable: flat, IVF and HNSW "
+                                 "indexes (faiss index_factory 'Flat', 'IVF...', 'HNSW...')")
+    normalized = None
+    if not isinstance(index, faiss.IndexIVF):  # flat and HNSW storage give stored vectors back; IVF has no id map
+        normalized = _check_imported_vectors(index, corpus_path, spans, emb, faiss_path)
+    del index
+
+    out.mkdir(parents=True, exist_ok=True)
+    placed = _place_file(faiss_path, out / INDEX_FILE, progress)
+    manifest = {"format_version": INDEX_FORMAT_VERSION, "corpus_sha256": sha, "embedder": emb.name,
+                "embedder_dtype": None, "pooling": emb.pooling, "query_prefix": emb.query_prefix,
+                "passage_prefix": emb.passage_prefix, "dimension": emb.dimension, "count": n_docs,
+                "chunk_size": None, "index_type": config.index_type, "index_params": dataclasses.asdict(config),
+                "corpus_path": str(corpus_path), "corpus_bytes": corpus_path.stat().st_size,
+                "metric": "inner_product", "normalized": normalized, "imported_from": str(faiss_path.resolve()),
+                **placed, **write_spans(spans, out / SPANS_FILE)}
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    return manifest
+
+
+# Mean cosine between re-embedded and stored passages that accepts an imported index: the same recipe in another
+# dtype gives >= 0.998; a missing "passage: " prefix gave 0.98-0.99 and another pooling 0.2-0.5 (MiniLM, world docs).
+IMPORT_MIN_COSINE = 0.995
+IMPORT_SAMPLE_ROWS = 16
+
+
+def _check_imported_vectors(index: Any, corpus_path: Path, spans: np.ndarray, emb: Embedder,
+                            faiss_path: Path) -> bool:
+    """Re-embed the first rows with `emb` and compare with the stored vectors: refuses a model, pooling or passage
+    prefix other than the index was built with (its queries would be embedded wrongly). Returns whether the stored
+    vectors are unit length."""
+    n = min(int(spans.shape[0]), IMPORT_SAMPLE_ROWS)
+    stored = index.reconstruct_n(0, n)
+    norms = np.linalg.norm(stored, axis=1)
+    docs = DocStore(corpus_path, spans)
+    try:
+        fresh = emb.embed_passages([docs.get(i)["contents"] for i in range(n)])
+    finally:
+        docs.close()
+    cosine = float(np.mean(np.sum(fresh * stored, axis=1) / np.maximum(norms, 1e-12)))
+    if cosine < IMPORT_MIN_COSINE:
+        raise IndexMismatchError(
+            f"{faiss_path}: the first {n} corpus rows embedded with {emb.name!r} (pooling {emb.pooling!r}, passage "
+            f"prefix {emb.passage_prefix!r}) have mean cosine {cosine:.4f} to the stored vectors (>= "
+            f"{IMPORT_MIN_COSINE} expected): pass the --model, --pooling and --passage-prefix the index was built "
+            "with, and check that row i of the index is row i of the corpus")
+    normalized = bool(np.all(np.abs(norms - 1.0) < 1e-3))
+    if not normalized:
+        warnings.warn(f"{faiss_path}: stored vectors are not unit length (norms {norms.min():.3f}.."
+                      f"{norms.max():.3f}); scores are inner products, not cosines", stacklevel=3)
+    return normalized
+
+
 def read_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a complete index directory (clear errors for an incomplete or foreign one)."""
+    """The manifest of a complete dense index directory (clear errors for an incomplete or foreign one)."""
     d = Path(index_dir)
+    manifest = _read_complete_manifest(d)
+    if manifest.get("retriever") == "bm25":
+        raise IndexMismatchError(f"{d} is a BM25 index: load it with rexrag_fast.retrieval.bm25.BM25Retriever")
+    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
+        raise IndexMismatchError(f"{d / MANIFEST_FILE}: format_version {manifest.get('format_version')!r}, this "
+                                 f"code reads {INDEX_FORMAT_VERSION}; rebuild the index")
+    return manifest
+
+
+def verify_index(index_dir: str | os.PathLike[str], corpus_path: str | os.PathLike[str] | None = None,
+                 progress: bool = True) -> None:
+    """Re-hash the files of an index directory (dense: index.faiss, doc_spans.npy; BM25: its model files and
+    doc_spans.npy) and the corpus (default: the manifest's corpus_path) against the manifest's sha256 and sizes.
+
+    Raises IndexIntegrityError naming a file whose size or sha256 differs (FileNotFoundError for a missing one).
+    Sizes are checked first (instant); then the files are hashed on one thread each (hashlib releases the GIL),
+    so the time is that of the largest file at min(disk, sha256) speed: wiki-18's e5 flat index (21M x 768 fp32,
+    65 GB) at ~0.5-2 GB/s per core takes about 0.5-2 minutes. progress: one tqdm bar per file, with ETA.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = Path(index_dir)
+    manifest = _read_complete_manifest(d)
+    if manifest.get("retriever") != "bm25":
+        manifest = read_manifest(d)
+    corpus = locate_corpus(d, manifest, corpus_path)
+    files = [(d / SPANS_FILE, manifest["spans_bytes"], manifest["spans_sha256"], "doc spans"),
+             (corpus, manifest["corpus_bytes"], manifest["corpus_sha256"], "corpus")]
+    if manifest.get("retriever") == "bm25":
+        files += [(d / name, f["bytes"], f["sha256"], f"BM25 file {name}")
+                  for name, f in manifest["model_files"].items()]
+    else:
+        files.append((d / INDEX_FILE, manifest["index_bytes"], manifest["index_sha256"], "faiss index"))
+    check_file_sizes(d, [(path, size, what) for path, size, _, what in files])
+    with ThreadPoolExecutor(len(files)) as pool:
+        digests = list(pool.map(lambda i: file_sha256(files[i][0], progress, f"verifying {files[i][3]}", position=i),
+                                range(len(files))))
+    for (path, _, expected, what), got in zip(files, digests):
+        if got != expected:
+            raise IndexIntegrityError(f"{what} {path} has sha256 {got[:16]}..., the manifest records "
+                                      f"{expected[:16]}...: it changed since the index was built. Rebuild the index "
+                                      "(`rexrag-fast index ... --overwrite`); serving it would return wrong documents")
+
+
+def _read_complete_manifest(d: Path) -> dict[str, Any]:
     path = d / MANIFEST_FILE
     if not path.is_file():
         hint = " (a build is in progress or crashed: run the same index command again to resume)" \
             if (d / BUILD_STATE_FILE).is_file() else ""
         raise FileNotFoundError(f"{d} is not a complete rexrag-fast index: {MANIFEST_FILE} is missing{hint}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
-        raise IndexMismatchError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads "
-                                 f"{INDEX_FORMAT_VERSION}; rebuild the index")
-    return manifest
+    return read_json_object(path)
 
 
 class DenseIndex:
@@ -187,8 +344,9 @@ class DenseIndex:
              use_gpu: bool | None = None) -> DenseIndex:
         """Load `index_dir`, refusing it if it was built with a different embedder than `embedder`.
 
-        corpus_path: where the corpus lives now (default: the path recorded at build time). Its size is checked
-        against the manifest; verify_corpus=True also re-hashes it (slow for large corpora).
+        corpus_path: where the corpus lives now (default: the path recorded at build time). The sizes of the
+        corpus, index.faiss and doc_spans.npy are checked against the manifest and unreadable files refused with
+        IndexIntegrityError; verify_corpus=True also re-hashes the corpus (`verify_index` re-hashes all three).
         use_gpu: move a flat/ivf index to all GPUs with faiss-gpu (default: when faiss-gpu sees a GPU).
         """
         import faiss
@@ -201,21 +359,15 @@ class DenseIndex:
                 f"but embedder {embedder!r} was requested: query vectors from a different model are meaningless "
                 f"against it. Use embedder {manifest['embedder']!r}, or rebuild with "
                 f"`rexrag-fast index --corpus ... --out ... --embedder {embedder}`")
-        corpus = Path(corpus_path) if corpus_path is not None else Path(manifest["corpus_path"])
-        if not corpus.is_file():
-            raise FileNotFoundError(f"index {d}: its corpus {corpus} is missing (pass corpus_path=/--corpus)")
-        if corpus.stat().st_size != manifest["corpus_bytes"]:
-            raise IndexMismatchError(f"index {d}: corpus {corpus} has {corpus.stat().st_size} bytes, the index "
-                                     f"was built from {manifest['corpus_bytes']} bytes; rebuild the index")
-        if verify_corpus:
-            sha, _ = scan_corpus(corpus)
-            if sha != manifest["corpus_sha256"]:
-                raise IndexMismatchError(f"index {d}: corpus {corpus} has sha256 {sha}, the index was built "
-                                         f"from {manifest['corpus_sha256']}; rebuild the index")
-        index = faiss.read_index(str(d / INDEX_FILE))
+        corpus = locate_corpus(d, manifest, corpus_path)
+        _check_sizes(d, manifest, corpus)
+        if verify_corpus and file_sha256(corpus) != manifest["corpus_sha256"]:
+            raise IndexIntegrityError(f"index {d}: corpus {corpus} has another sha256 than the corpus the index "
+                                      f"was built from ({manifest['corpus_sha256'][:16]}...); rebuild the index")
+        index = _read_faiss(d / INDEX_FILE)
         if index.ntotal != manifest["count"] or index.d != manifest["dimension"]:
-            raise IndexMismatchError(f"{d / INDEX_FILE} holds {index.ntotal} x {index.d} vectors, the manifest "
-                                     f"says {manifest['count']} x {manifest['dimension']}")
+            raise IndexIntegrityError(f"{d / INDEX_FILE} holds {index.ntotal} x {index.d} vectors, the manifest "
+                                      f"says {manifest['count']} x {manifest['dimension']}")
         params = manifest["index_params"]
         if manifest["index_type"] == "ivf":
             index.nprobe = params["nprobe"]
@@ -226,7 +378,7 @@ class DenseIndex:
             raise RuntimeError("use_gpu=True but faiss sees no GPU: install faiss-gpu (pip install faiss-gpu)")
         if (use_gpu or (use_gpu is None and gpu_ok)) and manifest["index_type"] != "hnsw":
             index = faiss.index_cpu_to_all_gpus(index)
-        spans = np.load(d / SPANS_FILE, mmap_mode="r")
+        spans = load_spans(d / SPANS_FILE, manifest["count"])
         return cls(index, manifest, DocStore(corpus, spans), d)
 
     def __len__(self) -> int:
@@ -253,6 +405,125 @@ class DenseIndex:
 def _describe(m: dict[str, Any]) -> str:
     return (f"embedder {m.get('embedder')!r}, {m.get('count')} docs, type {m.get('index_type')!r}, "
             f"corpus sha256 {str(m.get('corpus_sha256'))[:12]}...")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file of an index directory (IndexIntegrityError if it does not parse as one)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexIntegrityError(f"{path} is not valid JSON ({e}): the index directory is damaged; rebuild it "
+                                  "with `rexrag-fast index ... --overwrite`") from None
+    if not isinstance(data, dict):
+        raise IndexIntegrityError(f"{path} holds a JSON {type(data).__name__}, expected an object: the index "
+                                  "directory is damaged; rebuild it with `rexrag-fast index ... --overwrite`")
+    return data
+
+
+def _clear_index_dir(out: Path) -> None:
+    for name in (MANIFEST_FILE, INDEX_FILE, SPANS_FILE, BUILD_STATE_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
+
+
+def locate_corpus(d: Path, manifest: dict[str, Any], corpus_path: str | os.PathLike[str] | None) -> Path:
+    """`corpus_path`, else the manifest's recorded corpus path; FileNotFoundError naming index `d` if absent."""
+    corpus = Path(corpus_path) if corpus_path is not None else Path(manifest["corpus_path"])
+    if not corpus.is_file():
+        raise FileNotFoundError(f"index {d}: its corpus {corpus} is missing (pass corpus_path=/--corpus)")
+    return corpus
+
+
+def _check_sizes(d: Path, manifest: dict[str, Any], corpus: Path) -> None:
+    """Sizes of the three files against the manifest: catches truncation and appends without reading the files."""
+    check_file_sizes(d, [(d / INDEX_FILE, manifest["index_bytes"], "faiss index"),
+                         (d / SPANS_FILE, manifest["spans_bytes"], "doc spans"),
+                         (corpus, manifest["corpus_bytes"], "corpus")])
+
+
+def check_file_sizes(d: Path, files: list[tuple[Path, int, str]]) -> None:
+    """Raise FileNotFoundError / IndexIntegrityError unless each (path, expected bytes, what) has its size."""
+    for path, expected, what in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"index {d}: {what} {path} is missing; rebuild the index")
+        if path.stat().st_size != expected:
+            raise IndexIntegrityError(f"index {d}: {what} {path} has {path.stat().st_size} bytes, the index was "
+                                      f"built with {expected} bytes (truncated or changed); rebuild the index")
+
+
+def _read_faiss(path: Path, flags: int = 0) -> Any:
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as e:  # faiss reports a short or garbled file as a C++ exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IndexIntegrityError(f"{path} is not a readable faiss index ({first}): truncated or damaged; "
+                                  "rebuild the index") from None
+
+
+def load_spans(path: Path, count: int) -> np.ndarray:
+    """doc_spans.npy as a read-only memmap [count, 2] int64 (IndexIntegrityError if unreadable or misshapen)."""
+    try:
+        spans = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise IndexIntegrityError(f"{path} is not a readable .npy file ({e}): truncated or damaged; rebuild the "
+                                  "index") from None
+    if spans.shape != (count, 2) or spans.dtype != np.int64:
+        raise IndexIntegrityError(f"{path} holds {spans.dtype} {tuple(spans.shape)}, expected int64 ({count}, 2); "
+                                  "rebuild the index")
+    return spans
+
+
+def _write_faiss(index: Any, path: Path, progress: bool) -> dict[str, Any]:
+    """Write `index` atomically to `path`, hashing the bytes as they go out -> {"index_sha256", "index_bytes"}."""
+    import hashlib
+
+    import faiss
+
+    digest, tmp = hashlib.sha256(), path.with_name(path.name + ".tmp")
+    # Vectors dominate the file (graph links and cluster ids come on top): the total, and so the ETA, is approximate.
+    with open(tmp, "wb") as f, byte_progress(index.ntotal * index.d * 4, "writing index", progress) as bar:
+        def write(block: bytes) -> None:
+            f.write(block)
+            digest.update(block)
+            bar.update(len(block))
+
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        bar.total = bar.n  # the estimate is over now: end the bar at 100%
+    size = tmp.stat().st_size
+    os.replace(tmp, path)
+    return {"index_sha256": digest.hexdigest(), "index_bytes": size}
+
+
+def _place_file(src: Path, dst: Path, progress: bool) -> dict[str, Any]:
+    """Hard-link `src` to `dst` (a copy across filesystems), hashing it -> {"index_sha256", "index_bytes"}."""
+    import hashlib
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        sha = file_sha256(tmp, progress=progress, desc="hashing index")
+    except OSError:  # another filesystem, or links not allowed: copy, hashing on the way
+        digest = hashlib.sha256()
+        with open(src, "rb") as fi, open(tmp, "wb") as fo, \
+                byte_progress(src.stat().st_size, "copying index", progress) as bar:
+            while block := fi.read(1 << 22):
+                fo.write(block)
+                digest.update(block)
+                bar.update(len(block))
+        sha = digest.hexdigest()
+    os.replace(tmp, dst)
+    return {"index_sha256": sha, "index_bytes": dst.stat().st_size}
+
+
+def write_spans(spans: np.ndarray, path: Path) -> dict[str, Any]:
+    """Save spans [N, 2] int64 atomically -> {"spans_sha256", "spans_bytes"} for the manifest."""
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, np.ascontiguousarray(spans, dtype=np.int64))
+    os.replace(tmp, path)
+    return {"spans_sha256": file_sha256(path), "spans_bytes": path.stat().st_size}
 
 
 def _chunk_path(chunk_dir: Path, k: int) -> Path:
@@ -322,7 +593,8 @@ def _training_sample(chunk_dir: Path, n_chunks: int, n_docs: int, limit: int) ->
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, so `path` is either old or complete."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from rexrag_fast.retrieval.embedder import DEFAULT_EMBEDDER, Embedder, get_embedder
-from rexrag_fast.retrieval.index import DenseIndex, IndexConfig, IndexMismatchError, build_index
+from rexrag_fast.retrieval.index import (
+    MANIFEST_FILE,
+    DenseIndex,
+    IndexConfig,
+    IndexMismatchError,
+    build_index,
+    read_json_object,
+    verify_index,
+)
 
 
 def check_queries(queries: Any, topk: Any) -> None:
@@ -30,6 +38,11 @@ class LocalRetriever:
         if embedder.name != index.manifest["embedder"]:
             raise IndexMismatchError(f"index {index.index_dir} was built with embedder "
                                      f"{index.manifest['embedder']!r}, got an embedder {embedder.name!r}")
+        for field in ("pooling", "query_prefix", "passage_prefix"):
+            if getattr(embedder, field) != index.manifest[field]:
+                raise IndexMismatchError(f"index {index.index_dir} was embedded with {field} "
+                                         f"{index.manifest[field]!r}, the query embedder uses "
+                                         f"{getattr(embedder, field)!r}: queries must be embedded as the passages were")
         if embedder.dimension != index.dimension:
             raise IndexMismatchError(f"embedder {embedder.name!r} gives {embedder.dimension}-d vectors, index "
                                      f"{index.index_dir} holds {index.dimension}-d vectors")
@@ -40,11 +53,16 @@ class LocalRetriever:
     def from_index(cls, index_dir: str | os.PathLike[str], embedder: str | Embedder | None = None,
                    corpus_path: str | os.PathLike[str] | None = None, device: str | None = None,
                    dtype: str = "auto") -> LocalRetriever:
-        """Load an index directory; `embedder` (default: the manifest's) must match the one it was built with."""
+        """Load an index directory; `embedder` (default: the manifest's) must match the one it was built with.
+
+        A named embedder is loaded with the pooling and prefixes the manifest records (those of an imported index).
+        """
         name = embedder.name if isinstance(embedder, Embedder) else embedder
         index = DenseIndex.load(index_dir, embedder=name, corpus_path=corpus_path)
         if not isinstance(embedder, Embedder):
-            embedder = get_embedder(index.manifest["embedder"], device, dtype)
+            m = index.manifest
+            embedder = get_embedder(m["embedder"], device, dtype, pooling=m["pooling"],
+                                    query_prefix=m["query_prefix"], passage_prefix=m["passage_prefix"])
         return cls(index, embedder)
 
     @classmethod
@@ -80,3 +98,20 @@ class LocalRetriever:
             hits = [(self.index.docs.get(i), s) for i, s in zip(row_ids, row_scores) if i >= 0]
             out.append([{"document": d, "score": s} for d, s in hits] if return_scores else [d for d, _ in hits])
         return out
+
+
+def load_retriever(index_dir: str | os.PathLike[str], corpus_path: str | os.PathLike[str] | None = None,
+                   device: str | None = None, dtype: str = "auto", verify: bool = False) -> Any:
+    """The in-process retriever of any index directory: a BM25Retriever for a BM25 index (`rexrag-fast index
+    --bm25`, needs bm25s), else a LocalRetriever (built or imported faiss index, queries embedded with the
+    manifest's recipe). verify=True first re-hashes the index files and corpus (`verify_index`). Both answer
+    `retrieve(queries [Q], topk, return_scores)` as `RetrievalClient` does."""
+    d = Path(index_dir)
+    if verify:
+        verify_index(d, corpus_path=corpus_path)
+    manifest_path = d / MANIFEST_FILE
+    if manifest_path.is_file() and read_json_object(manifest_path).get("retriever") == "bm25":
+        from rexrag_fast.retrieval.bm25 import BM25Retriever
+
+        return BM25Retriever.from_index(d, corpus_path=corpus_path)
+    return LocalRetriever.from_index(d, corpus_path=corpus_path, device=device, dtype=dtype)

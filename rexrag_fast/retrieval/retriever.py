@@ -5,7 +5,7 @@ A spec is what a user writes on a command line or in a config:
     http://host:8000/retrieve   a retrieval server (ours or Search-R1's), checked with one query first
     world                       the embedded world's in-process retriever (built on first use)
     DIR with corpus.jsonl and world.json    a world directory
-    DIR with an index manifest  an index built by `rexrag-fast index`
+    DIR with an index manifest  an index built or imported by `rexrag-fast index` (dense faiss or BM25)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def build_retriever(spec: str | Path, *, timeout_s: float = 10.0, check: bool = 
     """The retriever that `spec` names (see the module docstring). A URL is probed first when `check`;
     `key` names the setting in error messages."""
     from rexrag_fast.retrieval.client import RetrievalClient
-    from rexrag_fast.retrieval.local import LocalRetriever
+    from rexrag_fast.retrieval.local import LocalRetriever, load_retriever
 
     spec = str(spec)
     if spec.startswith(("http://", "https://")):
@@ -61,6 +61,6 @@ def build_retriever(spec: str | Path, *, timeout_s: float = 10.0, check: bool = 
     if (path / "corpus.jsonl").is_file() and (path / "world.json").is_file():
         return LocalRetriever.for_world(path)
     if path.is_dir():
-        return LocalRetriever.from_index(path)
+        return load_retriever(path)
     raise ValueError(f"{key} must be an http(s) URL, {WORLD!r}, a world directory or an index directory; "
                      f"got {spec!r}")

@@ -40,6 +40,7 @@ from torch import nn
 
 from rexrag_fast.train import distributed as dist_utils
 from rexrag_fast.train.config import Config, merge_deepspeed_config, read_deepspeed_json
+from rexrag_fast.train.finite_guard import FiniteGuard, is_finite
 from rexrag_fast.train.metrics import peak_memory_bytes
 from rexrag_fast.train.packing import PackedBatch
 
@@ -196,6 +197,7 @@ class ZeroActor:
         self.module.register_external_lm_head()
         total = cfg.trainer.max_steps
         self.warmup_steps = int(cfg.actor.lr_warmup_steps_ratio * total)
+        self.finite_guard = FiniteGuard(cfg.actor.max_nonfinite_updates)
 
     # -------------------------------------------------------------------------------------- forward
 
@@ -256,8 +258,9 @@ class ZeroActor:
         grad_norms: list[float] = []
         tokens = 0
         t0 = time.perf_counter()
-        for _epoch in range(self.cfg.actor.ppo_epochs):
-            for mini in mini_batches:
+        for epoch in range(self.cfg.actor.ppo_epochs):
+            for mini_index, mini in enumerate(mini_batches):
+                losses_finite = True
                 plan = equalise_across_ranks(mini, self.device)
                 total_w = dist_utils.all_reduce_floats([sum(self._weight(m) for m, counts in plan if counts)])[0]
                 world = dist_utils.get_world_size()
@@ -265,6 +268,7 @@ class ZeroActor:
                     self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
                     lp, ent = self._forward(mb)
                     loss, metrics = loss_fn(lp, ent, mb.to(self.device))
+                    losses_finite = losses_finite and bool(torch.isfinite(loss.detach()))
                     w = self._weight(mb) if counts else 0.0
                     scale = w / total_w * world if total_w > 0 else 0.0
                     self.engine.backward(loss * scale, scale_wrt_gas=False)
@@ -283,12 +287,19 @@ class ZeroActor:
                 # Stage 0 leaves whole, already all-reduced gradients on the parameters and reports no norm
                 # of its own; the ZeRO optimizers (stages 1-3) compute it over their partitions.
                 own_norm = self._unsharded_grad_norm() if self.cfg.deepspeed.zero_stage == 0 else None
-                self.engine.step()
+                finite = self.finite_guard.agree(losses_finite and is_finite(own_norm))
+                if finite or self.cfg.deepspeed.zero_stage > 0:
+                    # ZeRO 1-3 skip a step whose gradient norm is not finite themselves, on all ranks together.
+                    self.engine.step()
+                else:
+                    self.engine.zero_grad()  # stage 0 would apply the non-finite gradients: drop them
                 gn = self.engine.get_global_grad_norm()
-                if gn is None:
-                    gn = own_norm
-                if gn is not None:
-                    grad_norms.append(_to_float(gn))
+                gn = _to_float(gn) if gn is not None else own_norm
+                what = f"ranks {self.finite_guard.bad_ranks}" if not finite else f"gradient norm {gn}"
+                self.finite_guard.record(finite and is_finite(gn), what=what, where=(
+                    f"RL step {step + 1}, epoch {epoch + 1}, mini-batch {mini_index + 1} of {n_mini}"))
+                if gn is not None and is_finite(gn):
+                    grad_norms.append(gn)
         # Metrics are weighted means over every rank's micro-batches (the same weights as the loss), so every
         # rank reports the global value. Keys are the same on all ranks (same loss_fn, same entropy setting).
         keys = sorted(sums)
@@ -303,6 +314,7 @@ class ZeroActor:
         out["actor/update_tokens"] = tokens_all
         out["throughput/update_tokens_per_s"] = tokens / elapsed if elapsed > 0 else math.nan  # this rank
         out["memory/peak_bytes"] = float(peak_memory_bytes(self.device))  # this rank
+        out.update(self.finite_guard.metrics())
         return out
 
     def _unsharded_grad_norm(self) -> float:

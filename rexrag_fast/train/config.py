@@ -5,8 +5,10 @@ actor, deepspeed, trainer). Loading goes
 
     YAML file -> dict -> `key=value` dotted overrides -> `config_from_dict` -> `Config`
 
-and `config_from_dict` collects EVERY problem (unknown keys, wrong types, impossible values, cross-field
-contradictions) before raising one `ConfigError` whose message lists each with its dotted key path, e.g.
+and `config_from_dict` collects EVERY problem (unknown keys, wrong types, non-finite numbers, values out of
+range, cross-field contradictions and, for a config about to be run (`paths=True`, as `rexrag-fast train`
+loads it), missing data files and an output directory that cannot be written) before raising one
+`ConfigError` whose message lists each with its dotted key path, e.g.
 
     3 problems in the config:
       actor.lr: expected a float, got 'fast' (str)
@@ -15,7 +17,9 @@ contradictions) before raising one `ConfigError` whose message lists each with i
 
 Override values are parsed with YAML scalar typing (`trainer.max_steps=10` is an int, `actor.lr=1e-6` a
 float, `data.train_files=[a.parquet,b.parquet]` a list, `retriever.url=null` None). Unlike PyYAML's
-YAML 1.1 default, floats without a dot (`1e-6`) are floats here, in files and overrides alike.
+YAML 1.1 default, floats without a dot (`1e-6`) are floats here, in files and overrides alike. Every number
+must be finite (`.inf` and `.nan` are refused), and YAML whose aliases expand past MAX_YAML_NODES nodes is
+refused before it is built.
 
 Defaults follow the reference REX-RAG GRPO run (MiliLab/REX-RAG scripts/search-r1-sgl/run_grpo_sglang_fsdp.sh
 on verl): lr 1e-6, 512 prompts x 5 responses, 500 tokens per turn, max_turns 5, low_var_kl KL 0.001,
@@ -25,7 +29,10 @@ clip 0.2, keep_ratio 0.08, revision_prob 20 (percent).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
+import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -34,6 +41,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from rexrag_fast.ops import core_algos
 
 # --------------------------------------------------------------------------------------------- sections
 
@@ -103,7 +112,7 @@ class AlgorithmConfig:
     """Advantage estimator and policy loss, with verl's names and semantics."""
 
     name: Literal["grpo", "rexrag"] = "rexrag"
-    adv_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    adv_estimator: str = "grpo"  # a name registered in ops.core_algos (grpo, dr_grpo, rloo, or a user's own)
     norm_adv_by_std: bool = True  # grpo only; false gives Dr. GRPO's unnormalised advantage
     norm_adv_eps: float = 1e-6
     use_kl_loss: bool = True
@@ -132,6 +141,7 @@ class ActorConfig:
     shuffle: bool = False
     use_fused_kernels: bool = True  # False: the eager PyTorch log-prob and loss path, for comparison
     ref_placement: Literal["none", "cpu", "deepspeed"] = "deepspeed"  # the frozen KL reference model
+    max_nonfinite_updates: int = 3  # a non-finite loss or gradient skips the update; this many in a row stop the run
 
 
 @dataclass
@@ -194,6 +204,16 @@ class ConfigError(ValueError):
         super().__init__("\n  ".join([head, *self.problems]))
 
 
+# ---------------------------------------------------------------------------------------------- limits
+
+_INT64_MAX = 2**63 - 1  # every integer setting ends up in an int64 tensor or a C long somewhere
+SEED_LIMIT = 2**32  # numpy.random.seed and RandomState take seeds in [0, 2**32)
+INT32_MAX = 2**31 - 1  # cu_seqlens and token positions are int32: one micro-batch holds at most this many tokens
+MAX_TRAJECTORIES_PER_STEP = 2**20  # train_batch_size x n_agent; the reference run has 2,560
+MAX_YAML_NODES = 100_000  # a config has ~100 keys; YAML aliases can make a 400-byte file expand to 10**6 nodes
+QA_SUFFIXES = (".parquet", ".jsonl", ".json")  # what rexrag_fast.data.datasets.load_qa reads
+
+
 # ----------------------------------------------------------------------------------------- YAML typing
 
 
@@ -216,9 +236,57 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
 
+def _expanded_size(root: yaml.Node) -> int:
+    """Number of nodes of the document once every alias is expanded (a node reached k times counts k times),
+    computed in time linear in the file, capped just above MAX_YAML_NODES."""
+    sizes: dict[int, int] = {}
+    # Post-order over the node graph (PyYAML aliases are shared node objects; anchors cannot form cycles
+    # before their definition ends, except a recursive collection, which the cap turns into a refusal).
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            if isinstance(node, yaml.MappingNode):
+                children = [c for pair in node.value for c in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = node.value
+            else:
+                children = []
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:  # a collection that contains itself expands without end
+            return MAX_YAML_NODES + 1
+        on_path.add(key)
+        stack.append((node, True))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((c, False) for pair in node.value for c in pair if id(c) not in sizes)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((c, False) for c in node.value if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def parse_yaml(text: str) -> Any:
-    """Parse YAML text with YAML 1.2 float typing."""
-    return yaml.load(text, Loader=_Yaml12Loader)
+    """Parse YAML text with YAML 1.2 float typing.
+
+    Raises yaml.YAMLError for text whose aliases expand to more than MAX_YAML_NODES nodes (the "billion
+    laughs" shape: each level of anchors multiplies the size of the document)."""
+    loader = _Yaml12Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        size = _expanded_size(root)
+        if size > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} nodes; a config needs "
+                                 "a few hundred (write the values out instead of nesting anchors)")
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def parse_scalar(text: str) -> Any:
@@ -313,12 +381,22 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{path}: expected an integer, got {_describe(value)}")
             return None
+        if not -_INT64_MAX <= value <= _INT64_MAX:
+            problems.append(f"{path}: expected an integer within +-(2**63 - 1), got {value}")
+            return None
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {_describe(value)}")
             return None
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            problems.append(f"{path}: expected a finite number, got {value!r}")
+            return None
+        return number
     if tp is str:
         if not isinstance(value, str):
             problems.append(f"{path}: expected a string, got {_describe(value)}")
@@ -365,16 +443,21 @@ def _check_values(cfg: Config) -> list[str]:
         cfg.data, cfg.retriever, cfg.rollout, cfg.algorithm, cfg.actor, cfg.deepspeed, cfg.trainer
     )
     need(bool(cfg.model.path), "model.path", "must not be empty")
-    for key in ("train_batch_size", "val_batch_size", "max_prompt_length", "max_start_length",
-                "max_response_length", "max_obs_length"):
-        need(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+    for key in ("train_batch_size", "val_batch_size"):
+        n = getattr(d, key)
+        need(n >= 1 and n * max(rv.n_agent, 1) <= MAX_TRAJECTORIES_PER_STEP, f"data.{key}",
+             f"must be >= 1 and, times rollout.n_agent ({rv.n_agent}), at most {MAX_TRAJECTORIES_PER_STEP:,} "
+             f"trajectories per step, got {n}")
+    for key in ("max_prompt_length", "max_start_length", "max_response_length", "max_obs_length"):
+        need(1 <= getattr(d, key) <= INT32_MAX, f"data.{key}", f"must be in [1, {INT32_MAX}], got {getattr(d, key)}")
     need(d.max_start_length <= d.max_prompt_length, "data.max_start_length",
          f"must be <= data.max_prompt_length ({d.max_prompt_length}), got {d.max_start_length}")
     need(r.embedded or r.url.startswith(("http://", "https://")), "retriever.url",
          f"must be an http(s) URL (or set retriever.embedded: true), got {r.url!r}")
     need(r.topk >= 1, "retriever.topk", f"must be >= 1, got {r.topk}")
     need(r.timeout_s > 0, "retriever.timeout_s", f"must be > 0, got {r.timeout_s}")
-    need(rv.n_agent >= 1, "rollout.n_agent", f"must be >= 1, got {rv.n_agent}")
+    need(1 <= rv.n_agent <= MAX_TRAJECTORIES_PER_STEP, "rollout.n_agent",
+         f"must be in [1, {MAX_TRAJECTORIES_PER_STEP}], got {rv.n_agent}")
     need(rv.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {rv.max_turns}")
     need(rv.temperature > 0, "rollout.temperature", f"must be > 0, got {rv.temperature}")
     need(0 < rv.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {rv.top_p}")
@@ -382,6 +465,9 @@ def _check_values(cfg: Config) -> list[str]:
     need(rv.kv_block_size >= 1, "rollout.kv_block_size", f"must be >= 1, got {rv.kv_block_size}")
     need(0 < rv.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
          f"must be in (0, 1], got {rv.gpu_memory_utilization}")
+    estimators = core_algos.adv_estimator_names()
+    need(a.adv_estimator in estimators, "algorithm.adv_estimator",
+         f"expected one of {list(estimators)} (ops.core_algos.register_adv_est adds one), got {a.adv_estimator!r}")
     need(a.adv_estimator != "rloo" or rv.n_agent >= 2, "algorithm.adv_estimator",
          f"rloo needs rollout.n_agent >= 2, got {rv.n_agent}")
     need(a.norm_adv_eps > 0, "algorithm.norm_adv_eps", f"must be > 0, got {a.norm_adv_eps}")
@@ -412,6 +498,10 @@ def _check_values(cfg: Config) -> list[str]:
     need(ac.max_tokens_per_micro_batch >= longest, "actor.max_tokens_per_micro_batch",
          f"must hold one whole trajectory (data.max_prompt_length + data.max_response_length = {longest}), "
          f"got {ac.max_tokens_per_micro_batch}")
+    need(ac.max_tokens_per_micro_batch <= INT32_MAX, "actor.max_tokens_per_micro_batch",
+         f"must be <= {INT32_MAX} (int32 token offsets), got {ac.max_tokens_per_micro_batch}")
+    need(ac.max_nonfinite_updates >= 1, "actor.max_nonfinite_updates",
+         f"must be >= 1, got {ac.max_nonfinite_updates}")
     need(not (a.use_kl_loss and ac.ref_placement == "none"), "actor.ref_placement",
          "is 'none' but algorithm.use_kl_loss is true: the KL term needs a reference model")
     need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}")
@@ -421,7 +511,7 @@ def _check_values(cfg: Config) -> list[str]:
          f"needs deepspeed.zero_stage 3, got {ds.zero_stage}")
     need(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
     need(bool(t.output_dir), "trainer.output_dir", "must not be empty")
-    need(t.seed >= 0, "trainer.seed", f"must be >= 0, got {t.seed}")
+    need(0 <= t.seed < SEED_LIMIT, "trainer.seed", f"must be in [0, 2**32 - 1], got {t.seed}")
     need(t.save_every >= 0, "trainer.save_every", f"must be >= 0, got {t.save_every}")
     need(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
     need(t.log_every >= 1, "trainer.log_every", f"must be >= 1, got {t.log_every}")
@@ -500,30 +590,78 @@ def merge_deepspeed_config(generated: Mapping[str, Any], user: Mapping[str, Any]
     return out
 
 
+def _writable_dir_problem(path: Path) -> str | None:
+    """Why a run could not create and write `path` (None when it can), found by writing a probe file into
+    `path` or, when it does not exist yet, into its nearest existing ancestor (os.access is wrong for root
+    and on some network file systems)."""
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            return "no existing ancestor directory"
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{probe_dir} exists and is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".rexrag-write-probe-"):
+            pass
+    except OSError as e:
+        return f"cannot write in {probe_dir} ({e.strerror or e})"
+    return None
+
+
+def check_paths(cfg: Config) -> list[str]:
+    """File-system problems of a config about to be run, as 'dotted.key: problem': every data file must be
+    a readable QA file (.parquet, .jsonl or .json) and trainer.output_dir creatable and writable."""
+    p: list[str] = []
+    for key in ("train_files", "val_files"):
+        for i, name in enumerate(getattr(cfg.data, key)):
+            f = Path(name)
+            where = f"data.{key}[{i}]"
+            if not f.is_file():
+                p.append(f"{where}: no such file: {name!r}" if not f.exists() else f"{where}: {name!r} is not a file")
+            elif f.suffix.lower() not in QA_SUFFIXES:
+                p.append(f"{where}: expected a {', '.join(QA_SUFFIXES)} file, got {name!r}")
+            elif not os.access(f, os.R_OK):
+                p.append(f"{where}: {name!r} is not readable")
+    if cfg.trainer.output_dir:
+        why = _writable_dir_problem(Path(cfg.trainer.output_dir))
+        if why:
+            p.append(f"trainer.output_dir: {cfg.trainer.output_dir!r} cannot be written: {why}")
+    return p
+
+
 # -------------------------------------------------------------------------------------------- public
 
 
-def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None,
+def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None, *, paths: bool = False,
                      earlier_problems: Sequence[str] = ()) -> Config:
     """Validate a plain mapping into a `Config`; raise one ConfigError listing every problem (after
-    `earlier_problems`, those found while reading it)."""
+    `earlier_problems`, those found while reading it).
+
+    paths: also check the file system (`check_paths`): for a config about to be run, not for one only read.
+    """
     problems: list[str] = list(earlier_problems)
     cfg = _build(Config, raw, "", problems)
     # A field with a type problem was left at its default; its value checks would only repeat the problem.
     bad_keys = {msg.split(":", 1)[0] for msg in problems}
     problems.extend(msg for msg in _check_values(cfg) if msg.split(":", 1)[0] not in bad_keys)
     problems.extend(msg for msg in _check_dropin_values(cfg) if msg.split(":", 1)[0] not in bad_keys)
+    if paths:
+        bad_keys = {msg.split(":", 1)[0].split("[", 1)[0] for msg in problems}
+        problems.extend(msg for msg in check_paths(cfg) if msg.split(":", 1)[0].split("[", 1)[0] not in bad_keys)
     if problems:
         raise ConfigError(problems, source)
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, paths: bool = False,
                 notes: list[str] | None = None) -> Config:
     """Read YAML `path` (None: all defaults), apply `dotted.key=value` overrides, validate once.
 
     Keys of verl / Search-R1 / REX-RAG (in the file or the overrides, Hydra's `+key=` too) are translated
-    to ours first (`config_keys.py`); `notes` receives one line per key accepted without effect."""
+    to ours first (`config_keys.py`); `notes` receives one line per key accepted without effect.
+    paths: also check data files and the output directory (`check_paths`); `rexrag-fast train` sets it, so
+    that a missing file or an unwritable directory stops the command before any model loads."""
     raw: Any = {}
     source = "the config"
     if path is not None:
@@ -546,7 +684,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     raw = config_keys.apply_overrides(raw, overrides, notes, problems)
     if overrides:
         source = f"{source} with overrides {list(overrides)}"
-    return config_from_dict(raw, source, problems)
+    return config_from_dict(raw, source, paths=paths, earlier_problems=problems)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

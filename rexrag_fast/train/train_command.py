@@ -10,8 +10,9 @@ One process, or one per GPU / CPU rank under a launcher (every rank runs the sam
 Overrides take our keys or verl / REX-RAG's (`actor_rollout_ref.actor.optim.lr=1e-6`, `trainer.save_freq=50`,
 Hydra's `+key=value`), translated by `config_keys.py`. `--print-config` prints the resolved config and exits
 without loading anything. Otherwise, before anything heavy starts, the config is validated (every problem
-listed with its key path), model.path is resolved and its architecture checked, and a configured retrieval
-server gets one query; any failure ends the command at once with exit status 2 and a message naming the key.
+listed with its key path; data files and the output directory are checked on disk), model.path is resolved
+and its architecture checked, and a configured retrieval server gets one query; any failure ends the command
+at once with exit status 2 and a message naming the key.
 
 A run restarted into the same trainer.output_dir continues from its newest good checkpoint
 (trainer.resume_mode: auto, as verl) and appends to its metrics.jsonl.
@@ -45,7 +46,8 @@ def _fail(msg: object) -> int:
 def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
-        cfg = load_config(args.config, args.overrides, notes=notes)
+        # --print-config only reads: data files and the output directory may live on another machine.
+        cfg = load_config(args.config, args.overrides, paths=not args.print_config, notes=notes)
     except (ConfigError, FileNotFoundError) as e:
         return _fail(e)
     if args.resume:

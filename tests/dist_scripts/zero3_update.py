@@ -2,7 +2,7 @@
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 --master_port=PORT tests/dist_scripts/zero3_update.py \\
         --out DIR [--max-steps N] [--save-every K] [--sigterm-at-step S] [--resume] [--eager] [--ref cpu]
-        [--mini-batch-prompts P] [--rewards per-prompt]
+        [--mini-batch-prompts P] [--rewards per-prompt] [--nan-steps S ... [--nan-rank R] [--nan-everywhere]]
 
 Each RL step: this rank's prompts (shard of a fixed synthetic set, n responses each) get fresh 0/1 rewards
 from the global torch RNG (standing in for rollouts, so resume must restore RNG state), GRPO advantages,
@@ -74,6 +74,11 @@ def main() -> int:
     ap.add_argument("--rewards", default="rng", choices=["rng", "per-prompt"],
                     help="rng: from each rank's global RNG; per-prompt: a function of (step, prompt), the same "
                          "whatever the number of ranks")
+    ap.add_argument("--nan-steps", type=int, nargs="*", default=[],
+                    help="RL steps (1-based) at which --nan-rank gets a NaN old log-prob on a response token")
+    ap.add_argument("--nan-rank", type=int, default=1)
+    ap.add_argument("--nan-everywhere", action="store_true", help="in every micro-batch, not only the first")
+    ap.add_argument("--max-nonfinite", type=int, default=3, help="actor.max_nonfinite_updates")
     args = ap.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
@@ -90,7 +95,7 @@ def main() -> int:
         f"deepspeed.zero_stage={args.zero_stage}", "deepspeed.precision=fp32", "deepspeed.gradient_checkpointing=true",
         f"deepspeed.offload_optimizer={str(args.offload).lower()}",
         f"deepspeed.offload_param={str(args.offload and args.zero_stage == 3).lower()}",
-        "algorithm.kl_coef=0.01",
+        "algorithm.kl_coef=0.01", f"actor.max_nonfinite_updates={args.max_nonfinite}",
     ])
     model = tiny_model("qwen2", vocab_size=VOCAB, seed=cfg.trainer.seed, hidden_size=32, intermediate_size=64,
                        max_position_embeddings=128, tie_word_embeddings=False).train()
@@ -143,6 +148,10 @@ def main() -> int:
                 # -inf on originals.
                 is_probe = (mb.seq_index % N_AGENT == 1).repeat_interleave(mb.seqlens().long())
                 mb.per_token["probe_logprobs"] = torch.where(is_probe, old - 0.1, torch.full_like(old, -math.inf))
+            if state.step + 1 in args.nan_steps and rank == args.nan_rank:
+                for mb in flat if args.nan_everywhere else flat[:1]:
+                    first_response = int(mb.per_token["response_mask"].nonzero()[0, 0])
+                    mb.per_token["old_logprobs"][first_response] = math.nan
             if args.sigterm_at_step == state.step + 1:
                 os.kill(os.getpid(), signal.SIGTERM)
             m = actor.update(minis, step=state.step)
