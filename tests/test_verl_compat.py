@@ -52,9 +52,11 @@ def test_estimators_accept_verls_config_keyword() -> None:
     plain, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, index)
     with_cfg, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, index, config={"other": 1})
     assert torch.equal(plain, with_cfg)
-    no_std, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, index,
-                                                          config={"norm_adv_by_std_in_grpo": False})
-    assert torch.equal(no_std, core_algos.compute_drgrpo_outcome_advantage(rewards, mask, index)[0])
+    # as verl's: the config does not override the explicit argument (verl passes its AlgoConfig to every
+    # estimator, dr_grpo included)
+    dr, _ = core_algos.get_adv_estimator_fn("dr_grpo")(rewards, mask, index, config={"norm_adv_by_std_in_grpo": True})
+    assert torch.equal(dr, core_algos.compute_grpo_outcome_advantage(rewards, mask, index,
+                                                                     norm_adv_by_std_in_grpo=False)[0])
     for name in core_algos.adv_estimator_names():  # verl's trainer passes config= to every estimator
         core_algos.get_adv_estimator_fn(name)(token_level_rewards=rewards, response_mask=mask, index=index,
                                               config=None)

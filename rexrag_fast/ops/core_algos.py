@@ -112,16 +112,6 @@ def _group_mean_std_count(scores: torch.Tensor, group: torch.Tensor) -> tuple[to
     return mean, std, count[group]
 
 
-def _config_value(config: object | None, name: str, default: object) -> object:
-    """`config.name` (attribute or mapping key, as verl's dataclass and DictConfig configs), else default."""
-    if config is None:
-        return default
-    if isinstance(config, dict) or hasattr(config, "get"):
-        value = config.get(name, None)  # type: ignore[union-attr]
-        return default if value is None else value
-    return getattr(config, name, default)
-
-
 def compute_grpo_outcome_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -132,8 +122,8 @@ def compute_grpo_outcome_advantage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantage (Dr. GRPO when `norm_adv_by_std_in_grpo=False`).
 
-    `config` is verl's AlgoConfig (its registry passes one to every estimator): when it has
-    `norm_adv_by_std_in_grpo`, that value is used, as in verl's estimators that read it from the config.
+    `config` (verl's AlgoConfig, which verl's registry passes to every estimator) is accepted and unused, as
+    in verl's own function: the std normalisation is the explicit argument.
 
     With r_i = sum_t token_level_rewards[i, t] and G(i) the sequences sharing `index[i]`:
         A_i = (r_i - mean_G(r)) / (std_G(r) + epsilon)   (GRPO; std unbiased, as torch.std)
@@ -144,7 +134,7 @@ def compute_grpo_outcome_advantage(
     Args: token_level_rewards [B, L], response_mask [B, L], index [B] group labels (any hashable values).
     Returns: (advantages [B, L], returns [B, L]), the same tensor twice, as verl.
     """
-    norm_adv_by_std_in_grpo = bool(_config_value(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo))
+    del config
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
         group = _dense_group_index(index, scores.shape[0]).to(scores.device)

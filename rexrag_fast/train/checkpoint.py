@@ -383,19 +383,18 @@ def load_checkpoint(
     """Restore the newest good checkpoint under `root` on every rank: engine weights/optimizer/scheduler,
     this rank's RNG states, and the TrainerState returned. None when no good checkpoint exists.
 
+    Rank 0 chooses the checkpoint and broadcasts it, so all ranks load the same one. When loading it fails
+    on any rank, all ranks fall back to the next older good checkpoint, and so on.
     checkpoint: load this step directory instead (trainer.resume_mode=<path>); ValueError naming what is
-    wrong with it when it is not a good checkpoint or fails to load (no fallback: the user asked for that one).
-    Rank 0 chooses the checkpoint and broadcasts it, so all ranks load the same one. Without `checkpoint`,
-    when loading fails on any rank, all ranks fall back to the next older good checkpoint, and so on.
+    wrong with it when it is not a good checkpoint or fails to load (no fallback: the user asked for it).
     """
     if checkpoint is not None:
-        problems: list[str] = verify_checkpoint(checkpoint) if dist_utils.get_rank() == 0 else []
+        problems = verify_checkpoint(checkpoint) if dist_utils.get_rank() == 0 else []
         problems = dist_utils.broadcast_object(problems)
-        if not problems:
-            state, problems = _restore(Path(checkpoint), engine, load_optimizer_states)
-            if not problems:
-                return LoadedCheckpoint(path=Path(checkpoint), state=state, skipped=[])
-        raise ValueError(f"trainer.resume_mode: {checkpoint} is not a good checkpoint ({'; '.join(problems)})")
+        state, errors = (None, problems) if problems else _restore(Path(checkpoint), engine, load_optimizer_states)
+        if errors:
+            raise ValueError(f"trainer.resume_mode: {checkpoint} is not a good checkpoint ({'; '.join(errors)})")
+        return LoadedCheckpoint(path=Path(checkpoint), state=state, skipped=[])
     skipped: list[str] = []
     below: int | None = None
     while True:

@@ -544,49 +544,6 @@ def _check_values(cfg: Config) -> list[str]:
     return p
 
 
-def _writable_dir_problem(path: Path) -> str | None:
-    """Why a run could not create and write `path` (None when it can), found by writing a probe file into
-    `path` or, when it does not exist yet, into its nearest existing ancestor (os.access is wrong for root
-    and on some network file systems)."""
-    probe_dir = path
-    while not probe_dir.exists():
-        if probe_dir.parent == probe_dir:
-            return "no existing ancestor directory"
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        return f"{probe_dir} exists and is not a directory"
-    try:
-        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".rexrag-write-probe-"):
-            pass
-    except OSError as e:
-        return f"cannot write in {probe_dir} ({e.strerror or e})"
-    return None
-
-
-def check_paths(cfg: Config) -> list[str]:
-    """File-system problems of a config about to be run, as 'dotted.key: problem': every data file must be
-    a readable QA file (.parquet, .jsonl or .json) and trainer.output_dir creatable and writable."""
-    p: list[str] = []
-    for key in ("train_files", "val_files"):
-        for i, name in enumerate(getattr(cfg.data, key)):
-            f = Path(name)
-            where = f"data.{key}[{i}]"
-            if not f.is_file():
-                p.append(f"{where}: no such file: {name!r}" if not f.exists() else f"{where}: {name!r} is not a file")
-            elif f.suffix.lower() not in QA_SUFFIXES:
-                p.append(f"{where}: expected a {', '.join(QA_SUFFIXES)} file, got {name!r}")
-            elif not os.access(f, os.R_OK):
-                p.append(f"{where}: {name!r} is not readable")
-    if cfg.trainer.output_dir:
-        why = _writable_dir_problem(Path(cfg.trainer.output_dir))
-        if why:
-            p.append(f"trainer.output_dir: {cfg.trainer.output_dir!r} cannot be written: {why}")
-    return p
-
-
-# -------------------------------------------------------------------------------------------- public
-
-
 LOGGER_BACKENDS = ("console", "tensorboard", "wandb", "mlflow")
 RESUME_MODES = ("auto", "disable")
 # DeepSpeed settings the actor drives itself (variable micro-batch counts, its own optimizer and schedule):
@@ -659,11 +616,51 @@ def merge_deepspeed_config(generated: Mapping[str, Any], user: Mapping[str, Any]
     return out
 
 
+def _writable_dir_problem(path: Path) -> str | None:
+    """Why a run could not create and write `path` (None when it can), found by writing a probe file into
+    `path` or, when it does not exist yet, into its nearest existing ancestor (os.access is wrong for root
+    and on some network file systems)."""
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            return "no existing ancestor directory"
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{probe_dir} exists and is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".rexrag-write-probe-"):
+            pass
+    except OSError as e:
+        return f"cannot write in {probe_dir} ({e.strerror or e})"
+    return None
+
+
+def check_paths(cfg: Config) -> list[str]:
+    """File-system problems of a config about to be run, as 'dotted.key: problem': every data file must be
+    a readable QA file (.parquet, .jsonl or .json) and trainer.output_dir creatable and writable."""
+    p: list[str] = []
+    for key in ("train_files", "val_files"):
+        for i, name in enumerate(getattr(cfg.data, key)):
+            f = Path(name)
+            where = f"data.{key}[{i}]"
+            if not f.is_file():
+                p.append(f"{where}: no such file: {name!r}" if not f.exists() else f"{where}: {name!r} is not a file")
+            elif f.suffix.lower() not in QA_SUFFIXES:
+                p.append(f"{where}: expected a {', '.join(QA_SUFFIXES)} file, got {name!r}")
+            elif not os.access(f, os.R_OK):
+                p.append(f"{where}: {name!r} is not readable")
+    if cfg.trainer.output_dir:
+        why = _writable_dir_problem(Path(cfg.trainer.output_dir))
+        if why:
+            p.append(f"trainer.output_dir: {cfg.trainer.output_dir!r} cannot be written: {why}")
+    return p
+
+
 # -------------------------------------------------------------------------------------------- public
 
 
-def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None,
-                     earlier_problems: Sequence[str] = (), *, paths: bool = False) -> Config:
+def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None, *, paths: bool = False,
+                     earlier_problems: Sequence[str] = ()) -> Config:
     """Validate a plain mapping into a `Config`; raise one ConfigError listing every problem (after
     `earlier_problems`, those found while reading it).
 
@@ -683,8 +680,8 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str | None = None,
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                notes: list[str] | None = None, *, paths: bool = False) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, paths: bool = False,
+                notes: list[str] | None = None) -> Config:
     """Read YAML `path` (None: all defaults), apply `dotted.key=value` overrides, validate once.
 
     Keys of verl / Search-R1 / REX-RAG (in the file or the overrides, Hydra's `+key=` too) are translated
@@ -713,7 +710,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     raw = config_keys.apply_overrides(raw, overrides, notes, problems)
     if overrides:
         source = f"{source} with overrides {list(overrides)}"
-    return config_from_dict(raw, source, problems, paths=paths)
+    return config_from_dict(raw, source, paths=paths, earlier_problems=problems)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

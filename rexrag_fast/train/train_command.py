@@ -46,7 +46,8 @@ def _fail(msg: object) -> int:
 def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
-        cfg = load_config(args.config, args.overrides, notes=notes, paths=not args.print_config)
+        # --print-config only reads: data files and the output directory may live on another machine.
+        cfg = load_config(args.config, args.overrides, paths=not args.print_config, notes=notes)
     except (ConfigError, FileNotFoundError) as e:
         return _fail(e)
     if args.resume:
