@@ -48,13 +48,12 @@ REXRAG_SCRIPT_OVERRIDES = [
     "trainer.val_before_train=false", "trainer.nnodes=1", "trainer.save_freq=50",
     "trainer.total_epochs=30", "trainer.total_training_steps=1005",
     "trainer.default_local_dir=verl_checkpoints/qwen2.5-3b", "trainer.validation_data_dir=verl_checkpoints/val",
-    "trainer.resume_mode=auto", "reward_model.reward_manager=reward_manager",
+    "trainer.resume_mode=auto", "trainer.test_freq=150", "reward_model.reward_manager=reward_manager",
     "max_turns=5", "keep_ratio=0.08", "do_search=true",
     "retriever.url=http://127.0.0.1:8000/retrieve", "retriever.topk=3",
 ]
 UNSUPPORTED_IN_SCRIPT = {  # key=value -> what the error names
     "data.truncation='error'": "data.max_start_length",
-    "trainer.test_freq=150": "rexrag-fast eval",
 }
 
 
@@ -71,7 +70,7 @@ def test_rexrag_script_overrides_translate_to_our_keys() -> None:
     assert cfg.deepspeed.gradient_checkpointing and not cfg.deepspeed.offload_param
     assert cfg.trainer.max_steps == 1005 and cfg.trainer.total_epochs == 30 and cfg.trainer.save_every == 50
     assert cfg.trainer.output_dir == "verl_checkpoints/qwen2.5-3b" and cfg.trainer.resume_mode == "auto"
-    assert cfg.trainer.logger == ["console", "tensorboard"]
+    assert cfg.trainer.logger == ["console", "tensorboard"] and cfg.trainer.test_freq == 150
     assert cfg.trainer.project_name == "REX-RAG-Experiment-Collection"
     assert cfg.trainer.seed == 20020717 and cfg.data.train_batch_size == 512
     assert not cfg.retriever.embedded or cfg.retriever.url == "http://127.0.0.1:8000/retrieve"

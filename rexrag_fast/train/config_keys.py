@@ -182,8 +182,6 @@ VERL_KEYS: dict[str, Rule] = {
     "trainer.default_hdfs_dir": Fixed((None,), "checkpoints go to trainer.output_dir only"),
     "trainer.critic_warmup": Fixed((0,), "no critic"),
     "trainer.val_before_train": Fixed((False,), "score checkpoints with `rexrag-fast eval`"),
-    "trainer.test_freq": Unsupported("trainer.save_every", "no validation inside the run: score saved "
-                                                           "checkpoints with `rexrag-fast eval`"),
     "trainer.validation_data_dir": Ignored("no validation generations are written inside the run"),
     "trainer.n_gpus_per_node": Ignored("the launcher (torchrun / deepspeed / srun) decides the world size"),
     "trainer.nnodes": Ignored("the launcher (torchrun / deepspeed / srun) decides the world size"),
