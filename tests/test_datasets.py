@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from file_helpers import assert_refused
 
 from rexrag_fast.agent.template import build_instruction, encode_prompt
 from rexrag_fast.data.datasets import load_many, load_qa, load_world_split
@@ -68,17 +69,9 @@ def test_bad_files(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no QA data file"):
         load_qa(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "golden_answers": ["a"]}\n{oops\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        load_qa(bad)
-    noans = tmp_path / "noans.jsonl"
-    noans.write_text('{"question": "q"}\n')
-    with pytest.raises(ValueError, match="no golden answers"):
-        load_qa(noans)
-    other = tmp_path / "x.csv"
-    other.write_text("a,b\n")
-    with pytest.raises(ValueError, match="unknown QA file type '.csv'"):
-        load_qa(other)
+    assert_refused(load_qa, bad, '{"question": "q", "golden_answers": ["a"]}\n{oops\n', r"bad.jsonl:2: not valid JSON")
+    assert_refused(load_qa, tmp_path / "noans.jsonl", '{"question": "q"}\n', "no golden answers")
+    assert_refused(load_qa, tmp_path / "x.csv", "a,b\n", "unknown QA file type '.csv'")
 
 
 def test_world_split() -> None:

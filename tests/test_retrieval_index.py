@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+from retrieval_helpers import write_corpus
 
 from rexrag_fast.data.world import generate_world
 from rexrag_fast.retrieval import (
@@ -28,13 +29,6 @@ N_QUESTIONS = 60
 N_DISTRACTORS = 100
 
 
-def _write_corpus(path, docs):
-    with open(path, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(d) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def world_subset(tmp_path_factory):
     """The default world's first 1-hop questions, their documents and random distractors from the same world."""
@@ -45,7 +39,7 @@ def world_subset(tmp_path_factory):
     docs = [d for d in world.documents if d["id"] in needed]
     docs += rng.sample([d for d in world.documents if d["id"] not in needed], N_DISTRACTORS)
     rng.shuffle(docs)
-    path = _write_corpus(tmp_path_factory.mktemp("world") / "corpus.jsonl", docs)
+    path = write_corpus(tmp_path_factory.mktemp("world") / "corpus.jsonl", docs)
     return path, docs, questions
 
 
@@ -101,7 +95,7 @@ def test_topk_larger_than_corpus_and_empty_query_list(world_subset, flat_index):
 
 def test_ivf_and_hnsw_agree_with_flat(world_subset, tmp_path):
     path, docs, questions = world_subset
-    small = _write_corpus(tmp_path / "small.jsonl", docs[:48])
+    small = write_corpus(tmp_path / "small.jsonl", docs[:48])
     build_index(small, tmp_path / "flat", chunk_size=48, progress=False)
     flat = LocalRetriever.from_index(tmp_path / "flat")
     queries = [d["contents"] for d in docs[:48:6]] + [q["question"] for q in questions[:5]]
@@ -124,7 +118,7 @@ class _Crash(RuntimeError):
 
 def test_resume_after_crash_gives_the_same_index(world_subset, tmp_path):
     _, docs, _ = world_subset
-    corpus = _write_corpus(tmp_path / "c.jsonl", docs[:22])
+    corpus = write_corpus(tmp_path / "c.jsonl", docs[:22])
     build_index(corpus, tmp_path / "fresh", chunk_size=6, progress=False)
 
     def crash_after_third(k, n):
@@ -151,7 +145,7 @@ def test_resume_after_crash_gives_the_same_index(world_subset, tmp_path):
 
 def test_partial_build_with_other_settings_is_refused(world_subset, tmp_path):
     _, docs, _ = world_subset
-    corpus = _write_corpus(tmp_path / "c.jsonl", docs[:12])
+    corpus = write_corpus(tmp_path / "c.jsonl", docs[:12])
 
     def crash(k, n):
         raise _Crash("stop")
@@ -217,7 +211,7 @@ def test_bf16_embeddings_are_unit_vectors_close_to_fp32(world_subset):
 
 def test_changed_corpus_is_refused(world_subset, tmp_path):
     _, docs, _ = world_subset
-    corpus = _write_corpus(tmp_path / "c.jsonl", docs[:6])
+    corpus = write_corpus(tmp_path / "c.jsonl", docs[:6])
     build_index(corpus, tmp_path / "idx", chunk_size=8, progress=False)
     with open(corpus, "a") as f:
         f.write(json.dumps({"id": "new", "contents": '"New"\nadded later'}) + "\n")
@@ -226,7 +220,7 @@ def test_changed_corpus_is_refused(world_subset, tmp_path):
 
 
 def test_bad_build_arguments(tmp_path):
-    corpus = _write_corpus(tmp_path / "c.jsonl", [{"id": "1", "contents": '"A"\nb'}])
+    corpus = write_corpus(tmp_path / "c.jsonl", [{"id": "1", "contents": '"A"\nb'}])
     with pytest.raises(ValueError, match="index_type"):
         build_index(corpus, tmp_path / "i", config=IndexConfig("annoy"), progress=False)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -240,7 +234,7 @@ def test_bad_build_arguments(tmp_path):
 def test_build_and_verify_show_progress_to_the_end(world_subset, tmp_path, capsys):
     """tqdm bars (rate and ETA) on the corpus scan, embedding, faiss add, index write and verification hashes."""
     _, docs, _ = world_subset
-    corpus = _write_corpus(tmp_path / "c.jsonl", docs[:9])
+    corpus = write_corpus(tmp_path / "c.jsonl", docs[:9])
     build_index(corpus, tmp_path / "idx", chunk_size=4, progress=True)
     verify_index(tmp_path / "idx", progress=True)
     lines = capsys.readouterr().err.replace("\r", "\n").splitlines()

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from retrieval_helpers import write_corpus
 
 from rexrag_fast.cli import main
 from rexrag_fast.data.world import generate_world
@@ -24,18 +25,11 @@ def docs():
     return generate_world(seed=0).documents[:N_DOCS]
 
 
-def _write_corpus(path, docs):
-    with open(path, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(d) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def built(docs, tmp_path_factory):
     """A pristine index; tests corrupt copies of it."""
     root = tmp_path_factory.mktemp("pristine")
-    corpus = _write_corpus(root / "corpus.jsonl", docs)
+    corpus = write_corpus(root / "corpus.jsonl", docs)
     build_index(corpus, root / "idx", embedder=get_embedder(dtype="float32"), chunk_size=5, progress=False)
     return root
 
@@ -151,7 +145,7 @@ def _crash(k, n):
     ("query_prefix", dict(dtype="float32", query_prefix="query: "), "'query: '"),
 ])
 def test_resume_with_another_dtype_or_recipe_is_refused(docs, tmp_path, field, resumed_with, value):
-    corpus = _write_corpus(tmp_path / "c.jsonl", docs)
+    corpus = write_corpus(tmp_path / "c.jsonl", docs)
     with pytest.raises(_Crash):
         build_index(corpus, tmp_path / "idx", embedder=get_embedder(dtype="float32"), chunk_size=5,
                     progress=False, on_chunk_done=_crash)

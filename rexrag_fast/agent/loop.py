@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rexrag_fast.agent.actions import STOP_STRINGS, Action, first_answer, parse_action
+from rexrag_fast.agent.template import read_user_text
 from rexrag_fast.agent.trajectory import Component, Trajectory
 from rexrag_fast.engine import Request, SamplingParams
 from rexrag_fast.retrieval import format_passages
@@ -63,15 +64,7 @@ INVALID_ACTION_MESSAGE = (
 
 def load_invalid_action_message(path: str) -> str:
     """The invalid-action observation read verbatim from the UTF-8 text file `path` (not empty)."""
-    from pathlib import Path
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"invalid-action message file {path!r} cannot be read: {e.strerror or e}") from None
-    if not text:
-        raise ValueError(f"invalid-action message file {path!r} is empty")
-    return text
+    return read_user_text(path, "invalid-action message")
 
 
 @dataclass(frozen=True)

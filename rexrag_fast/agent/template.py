@@ -25,14 +25,22 @@ DEFAULT_TEMPLATE = (
 """The project's instruction text for the tag protocol; `{question}` is replaced by the question."""
 
 
-def load_template(path: str) -> str:
-    """An instruction template read from the text file `path` (UTF-8); it must contain `{question}`."""
+def read_user_text(path: str, what: str) -> str:
+    """The text of a user's file `path` (UTF-8, verbatim, not empty); `what` names it in errors."""
     from pathlib import Path
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ValueError(f"prompt template file {path!r} cannot be read: {e.strerror or e}") from None
+        raise ValueError(f"{what} file {path!r} cannot be read: {e.strerror or e}") from None
+    if not text:
+        raise ValueError(f"{what} file {path!r} is empty")
+    return text
+
+
+def load_template(path: str) -> str:
+    """An instruction template read from the text file `path` (UTF-8); it must contain `{question}`."""
+    text = read_user_text(path, "prompt template")
     if "{question}" not in text:
         raise ValueError(f"prompt template file {path!r} must contain the placeholder '{{question}}'")
     return text

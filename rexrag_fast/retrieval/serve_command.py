@@ -8,6 +8,22 @@ import sys
 from rexrag_fast.retrieval.embedder import EMBEDDER_DTYPES
 from rexrag_fast.retrieval.server import BatchingConfig, ServerLimits
 
+# --flag -> ServerLimits field, with its help where the name does not say it all.
+LIMIT_FLAGS = (
+    ("--default-topk", "default_topk", ""),
+    ("--max-topk", "max_topk", ""),
+    ("--max-queries", "max_queries", "queries per request"),
+    ("--max-query-chars", "max_query_chars", ""),
+    ("--max-request-chars", "max_request_chars", "characters of all queries of one request"),
+    ("--max-body-bytes", "max_body_bytes", ""),
+    ("--max-pending-requests", "max_pending_requests", "requests in flight before new ones get 503 + Retry-After"),
+    ("--max-pending-queries", "max_pending_queries", "queries in flight before new requests get 503 + Retry-After"),
+    ("--max-connections", "max_connections", "open connections before new ones get 503 and are closed"),
+    ("--header-timeout", "header_timeout_s", "seconds a connection may take to send a request head (idle and "
+                                             "slow clients)"),
+    ("--body-timeout", "body_timeout_s", "seconds a request body may take to arrive (408 past it)"),
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits, batching = ServerLimits(), BatchingConfig()
@@ -21,23 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="query embedding device (default cuda when available)")
     parser.add_argument("--dtype", choices=EMBEDDER_DTYPES, default="auto",
                         help="embedding compute dtype (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
-    parser.add_argument("--default-topk", type=int, default=limits.default_topk)
-    parser.add_argument("--max-topk", type=int, default=limits.max_topk)
-    parser.add_argument("--max-queries", type=int, default=limits.max_queries, help="queries per request")
-    parser.add_argument("--max-query-chars", type=int, default=limits.max_query_chars)
-    parser.add_argument("--max-request-chars", type=int, default=limits.max_request_chars,
-                        help="characters of all queries of one request")
-    parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes)
-    parser.add_argument("--max-pending-requests", type=int, default=limits.max_pending_requests,
-                        help="requests in flight before new ones get 503 + Retry-After")
-    parser.add_argument("--max-pending-queries", type=int, default=limits.max_pending_queries,
-                        help="queries in flight before new requests get 503 + Retry-After")
-    parser.add_argument("--max-connections", type=int, default=limits.max_connections,
-                        help="open connections before new ones get 503 and are closed")
-    parser.add_argument("--header-timeout", type=float, default=limits.header_timeout_s,
-                        help="seconds a connection may take to send a request head (idle and slow clients)")
-    parser.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
-                        help="seconds a request body may take to arrive (408 past it)")
+    for flag, field, text in LIMIT_FLAGS:
+        default = getattr(limits, field)
+        parser.add_argument(flag, dest=field, type=type(default), default=default, help=text or None)
     parser.add_argument("--max-batch-queries", type=int, default=batching.max_batch_queries,
                         help="queries merged into one embedding call")
     parser.add_argument("--max-wait-ms", type=float, default=batching.max_wait_ms,
@@ -53,12 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from rexrag_fast.retrieval.server import serve
 
     try:
-        limits = ServerLimits(max_queries=args.max_queries, max_topk=args.max_topk,
-                              max_query_chars=args.max_query_chars, max_request_chars=args.max_request_chars,
-                              max_body_bytes=args.max_body_bytes, default_topk=args.default_topk,
-                              max_pending_requests=args.max_pending_requests,
-                              max_pending_queries=args.max_pending_queries, max_connections=args.max_connections,
-                              header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+        limits = ServerLimits(**{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS})
     except ValueError as e:
         print(f"rexrag-fast serve: {e}", file=sys.stderr)
         return 2

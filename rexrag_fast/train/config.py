@@ -329,7 +329,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     Malformed overrides (no '=', an empty key) raise ConfigError listing all of them; unknown keys are left
     for validation to report with the rest.
     """
-    out = _deep_copy(raw)
+    out = plain_copy(raw)
     problems = []
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -354,11 +354,12 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     return out
 
 
-def _deep_copy(x: Any) -> Any:
+def plain_copy(x: Any) -> Any:
+    """A copy of a tree of mappings and lists (as dicts and lists); leaves are shared."""
     if isinstance(x, Mapping):
-        return {k: _deep_copy(v) for k, v in x.items()}
+        return {k: plain_copy(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_deep_copy(v) for v in x]
+        return [plain_copy(v) for v in x]
     return x
 
 
@@ -607,12 +608,12 @@ def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
 
 def merge_deepspeed_config(generated: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
     """`generated` with `user` merged over it: nested objects merged key by key, any other value replaced."""
-    out = _deep_copy(generated)
+    out = plain_copy(generated)
     for key, value in user.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
             out[key] = merge_deepspeed_config(out[key], value)
         else:
-            out[key] = _deep_copy(value)
+            out[key] = plain_copy(value)
     return out
 
 

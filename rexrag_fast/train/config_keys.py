@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Union
 
-from rexrag_fast.train.config import Config, ConfigError, parse_scalar
+from rexrag_fast.train.config import Config, ConfigError, parse_scalar, plain_copy
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str], notes: li
     `key=value`, Hydra's `+key=value` / `++key=value` (add or override: the same here, every key has a
     default) and `~key` (back to the default). A later override of the same key wins. Every malformed or
     refused override is a problem, appended to `problems` when given, else raised as one ConfigError."""
-    out = _plain_copy(tree)
+    out = plain_copy(tree)
     collect = problems is not None
     problems = problems if problems is not None else []
     for item in overrides:
@@ -379,14 +379,6 @@ def _settable(tree: Mapping[str, Any], key: str) -> bool:
         if node is None:
             return True
     return isinstance(node, Mapping)
-
-
-def _plain_copy(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _plain_copy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_plain_copy(v) for v in x]
-    return x
 
 
 def describe_rule(rule: Rule) -> tuple[str, str]:

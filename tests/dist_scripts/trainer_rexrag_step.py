@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from rexrag_fast.agent.trajectory import Component, Trajectory
 from rexrag_fast.train import distributed as du
-from rexrag_fast.train.config import load_config
+from rexrag_fast.train.config import Config, load_config
 from rexrag_fast.train.metrics import StepMetrics
 from rexrag_fast.train.rexrag_stage import GRPOStage
 from rexrag_fast.train.step_batch import StepBatch
@@ -65,23 +65,19 @@ def check_collective_devices() -> None:
         setattr(dist, name, checked)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"), [
-        "model.path=tiny-qwen2", f"trainer.output_dir={args.out}", "trainer.seed=11",
-        "data.train_batch_size=4", "actor.ppo_mini_batch_size=4", "rollout.n_agent=2", "rollout.max_turns=1",
-        "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
-        "actor.max_tokens_per_micro_batch=1024", "actor.lr=1e-3",
+def tiny_rexrag_config(out: str, *extra: str) -> Config:
+    """tiny-qwen2 on the embedded world, 4 questions x 2, one search turn, every dead end probed and kept."""
+    return load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"), [
+        "model.path=tiny-qwen2", f"trainer.output_dir={out}", "data.train_batch_size=4", "rollout.n_agent=2",
+        "rollout.max_turns=1", "data.max_prompt_length=512", "data.max_start_length=320",
+        "data.max_response_length=16", "actor.max_tokens_per_micro_batch=1024", "actor.lr=1e-3",
         "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=1.0",
-        "trainer.tensorboard=false", "trainer.progress_bar=false",
+        "trainer.tensorboard=false", "trainer.progress_bar=false", *extra,
     ])
-    du.init_distributed()
-    check_collective_devices()
-    trainer = RLTrainer(cfg)
-    before = trainer.actor.gathered_state_dict()
+
+
+def answered_originals(trainer: RLTrainer) -> StepBatch:
+    """This rank's next questions, each answered once right (reward 1) and once wrong (reward 0)."""
     prompts, golds, groups = trainer.rollouts.local_questions(trainer.state.data_position)
     trajs, t_golds, t_groups = [], [], []
     for p, g, gid in zip(prompts, golds, groups):
@@ -89,7 +85,27 @@ def main() -> int:
             trajs.append(answered(p, ans, trainer.tokenizer))
             t_golds.append(g)
             t_groups.append(gid)
-    batch = StepBatch.originals(trajs, t_golds, t_groups)
+    return StepBatch.originals(trajs, t_golds, t_groups)
+
+
+def out_dir_arg() -> str:
+    """The --out directory of a dist script (created)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    out = ap.parse_args().out
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def main() -> int:
+    out = out_dir_arg()
+    cfg = tiny_rexrag_config(out, "trainer.seed=11", "actor.ppo_mini_batch_size=4")
+    du.init_distributed()
+    check_collective_devices()
+    trainer = RLTrainer(cfg)
+    before = trainer.actor.gathered_state_dict()
+    batch = answered_originals(trainer)
+    trajs, t_golds, t_groups = list(batch.trajs), list(batch.golds), list(batch.group_ids)
     rollout_m = StepMetrics()
     trainer.exploration.explore(batch, 1, rollout_m)
     probes = [(t.meta["probe_of"], g, len(t.turns), t.status) for t, g, p in
@@ -104,7 +120,7 @@ def main() -> int:
                                     "rewards": batch.rewards, "groups": batch.group_ids})
     if du.is_main():
         changed = {k: not torch.equal(before[k], after[k]) for k in before}
-        with open(os.path.join(args.out, "result.json"), "w") as f:
+        with open(os.path.join(out, "result.json"), "w") as f:
             json.dump({"metrics": metrics, "grpo": grpo, "ranks": all_probes, "changed": changed,
                    "collectives_checked": CHECKED["calls"]}, f,
                       default=float)

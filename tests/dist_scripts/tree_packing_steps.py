@@ -13,14 +13,12 @@ batch's sharing and the largest weight difference after the two steps.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import sys
 
 from rexrag_fast.train import distributed as du
-from rexrag_fast.train.config import load_config
 from rexrag_fast.train.metrics import StepMetrics
 from rexrag_fast.train.models import load_policy
 from rexrag_fast.train.packing import tree_sharing
@@ -28,7 +26,7 @@ from rexrag_fast.train.step_batch import StepBatch
 from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_train_examples
 
 sys.path.insert(0, os.path.dirname(__file__))
-from trainer_rexrag_step import WRONG_ANSWER, answered  # noqa: E402
+from trainer_rexrag_step import answered_originals, out_dir_arg, tiny_rexrag_config  # noqa: E402
 
 
 def learn_copy(batch: StepBatch) -> StepBatch:
@@ -38,18 +36,8 @@ def learn_copy(batch: StepBatch) -> StepBatch:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"), [
-        "model.path=tiny-qwen2", f"trainer.output_dir={args.out}", "trainer.seed=5",
-        "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "rollout.n_agent=2", "rollout.max_turns=1",
-        "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
-        "actor.max_tokens_per_micro_batch=1024", "actor.lr=1e-3",
-        "algorithm.rexrag.revision_prob=100", "algorithm.rexrag.keep_ratio=1.0",
-        "trainer.tensorboard=false", "trainer.progress_bar=false",
-    ])
+    out = out_dir_arg()
+    base = tiny_rexrag_config(out, "trainer.seed=5", "actor.ppo_mini_batch_size=2")
     du.init_distributed()
     model, tokenizer = load_policy(base)
     retriever = build_trainer_retriever(base)
@@ -63,14 +51,7 @@ def main() -> int:
     steps, logprob_diff, sharing = [], None, None
     for step in (1, 2):
         lead = trainers["on"]
-        prompts, golds, groups = lead.rollouts.local_questions(lead.state.data_position)
-        trajs, t_golds, t_groups = [], [], []
-        for p, g, gid in zip(prompts, golds, groups):
-            for ans in (g[0], WRONG_ANSWER):
-                trajs.append(answered(p, ans, tokenizer))
-                t_golds.append(g)
-                t_groups.append(gid)
-        batch = StepBatch.originals(trajs, t_golds, t_groups)
+        batch = answered_originals(lead)
         rollout_m = StepMetrics()
         lead.exploration.explore(batch, step, rollout_m)
         if step == 1:
@@ -83,7 +64,7 @@ def main() -> int:
     weights = {mode: t.actor.gathered_state_dict() for mode, t in trainers.items()}
     weight_diff = max(float((weights["on"][k] - weights["off"][k]).abs().max()) for k in weights["on"])
     if du.is_main():
-        with open(os.path.join(args.out, "result.json"), "w") as f:
+        with open(os.path.join(out, "result.json"), "w") as f:
             json.dump({"steps": steps, "logprob_diff": logprob_diff, "sharing": sharing,
                        "weight_diff": weight_diff}, f, default=float)
     du.destroy_process_group()
