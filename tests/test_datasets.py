@@ -33,7 +33,7 @@ def test_search_r1_parquet(tmp_path) -> None:
     assert [d.data_source for d in data] == ["nq", "triviaqa"]
     assert data[0].golden_answers == ["Shakespeare", "William Shakespeare"]
     assert data[0].id == "nq-0" and data[0].question == "who wrote hamlet"
-    assert data[0].messages[0]["content"].startswith("Answer the given question.")
+    assert data[0].messages[0]["content"].startswith(DEFAULT_TEMPLATE.split("{question}")[0])
     assert data[1].extra["extra_info"] == {"split": "test", "index": 1}
     assert len(load_qa(path, limit=1)) == 1
 
