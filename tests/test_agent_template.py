@@ -77,7 +77,7 @@ def test_chat_template_applied(tokenizer) -> None:
     ids = encode_prompt("who founded Rome", tokenizer)
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>")
-    assert "<|im_start|>user\nAnswer the given question." in text
+    assert "<|im_start|>user\n" + DEFAULT_TEMPLATE.split("{question}")[0] in text
     assert text.endswith("Question: who founded Rome?\n<|im_end|>\n<|im_start|>assistant\n")
     # rendering once: no doubled special tokens at the start
     assert ids.count(ids[0]) == text.count("<|im_start|>")

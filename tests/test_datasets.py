@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from file_helpers import assert_refused
 
-from rexrag_fast.agent.template import build_instruction, encode_prompt
+from rexrag_fast.agent.template import DEFAULT_TEMPLATE, build_instruction, encode_prompt
 from rexrag_fast.data.datasets import load_many, load_qa, load_world_split
 
 
@@ -34,7 +34,7 @@ def test_search_r1_parquet(tmp_path) -> None:
     assert [d.data_source for d in data] == ["nq", "triviaqa"]
     assert data[0].golden_answers == ["Shakespeare", "William Shakespeare"]
     assert data[0].id == "nq-0" and data[0].question == "who wrote hamlet"
-    assert data[0].messages[0]["content"].startswith("Answer the given question.")
+    assert data[0].messages[0]["content"].startswith(DEFAULT_TEMPLATE.split("{question}")[0])
     assert data[1].extra["extra_info"] == {"split": "test", "index": 1}
     assert len(load_qa(path, limit=1)) == 1
 
@@ -90,4 +90,4 @@ def test_world_prompt_wrapped_with_template() -> None:
     tok = load_smollm2_tokenizer()
     ex = load_world_split("test")[0]
     text = tok.decode(encode_prompt(ex.question, tok, messages=ex.messages))
-    assert "Answer the given question." in text and ex.question.rstrip("?") in text
+    assert DEFAULT_TEMPLATE.split("{question}")[0] in text and ex.question.rstrip("?") in text
