@@ -13,7 +13,8 @@ import pytest
 
 from rexrag_fast.data.world import generate_world
 from rexrag_fast.retrieval import LocalRetriever, build_index
-from rexrag_fast.retrieval.server import BatchingConfig, MicroBatcher, ServerLimits, ServerThread, create_app
+from rexrag_fast.retrieval.batcher import BatchingConfig, MicroBatcher
+from rexrag_fast.retrieval.server import ServerLimits, ServerThread, create_app
 
 LIMITS = ServerLimits(max_queries=8, max_topk=5, max_query_chars=200, max_body_bytes=8192, default_topk=3)
 

@@ -23,12 +23,11 @@ from test_retrieval_server import QUERIES, _ids, retriever  # noqa: F401  (retri
 
 from rexrag_fast.data.world import generate_world
 from rexrag_fast.retrieval import LocalRetriever
+from rexrag_fast.retrieval.batcher import BatchingConfig, fair_shares
 from rexrag_fast.retrieval.server import (
-    BatchingConfig,
     ServerLimits,
     ServerThread,
     create_app,
-    fair_shares,
     parse_retrieve_request,
 )
 

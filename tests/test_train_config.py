@@ -10,13 +10,13 @@ from file_helpers import assert_refused
 from rexrag_fast.train.config import (
     Config,
     ConfigError,
-    apply_overrides,
     config_from_dict,
     dump_config,
     load_config,
-    parse_scalar,
     save_config,
 )
+from rexrag_fast.train.config_keys import apply_overrides
+from rexrag_fast.train.config_yaml import parse_scalar
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -128,7 +128,7 @@ def test_malformed_override(bad: str) -> None:
 
 
 def test_override_into_scalar_is_reported() -> None:
-    with pytest.raises(ConfigError, match=r"actor\.lr is not a section"):
+    with pytest.raises(ConfigError, match=r"actor\.lr\.x: unknown key"):
         apply_overrides({"actor": {"lr": 1.0}}, ["actor.lr.x=2"])
 
 

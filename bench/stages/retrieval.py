@@ -115,7 +115,8 @@ def _noop_app() -> FastAPI:
 def retrieval(preset: str, progress: Progress) -> list[Row]:
     from rexrag_fast.data.world import World, default_world_dir
     from rexrag_fast.retrieval import LocalRetriever, build_index, get_embedder
-    from rexrag_fast.retrieval.server import BatchingConfig, ServerThread, create_app
+    from rexrag_fast.retrieval.batcher import BatchingConfig
+    from rexrag_fast.retrieval.server import ServerThread, create_app
 
     sizes = PRESET_SIZES[preset]
     progress("loading the embedded world and the embedder")

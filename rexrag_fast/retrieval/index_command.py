@@ -13,8 +13,8 @@ from rexrag_fast.retrieval.index import (
     IndexConfig,
     IndexMismatchError,
     build_index,
-    import_faiss_index,
 )
+from rexrag_fast.retrieval.index_import import import_faiss_index
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

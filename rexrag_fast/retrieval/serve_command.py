@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rexrag_fast.retrieval.batcher import BatchingConfig
 from rexrag_fast.retrieval.embedder import EMBEDDER_DTYPES
-from rexrag_fast.retrieval.server import BatchingConfig, ServerLimits
+from rexrag_fast.retrieval.server import ServerLimits
 
 # --flag -> ServerLimits field, with its help where the name does not say it all.
 LIMIT_FLAGS = (

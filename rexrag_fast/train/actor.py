@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from rexrag_fast.train import distributed as dist_utils
-from rexrag_fast.train.config import Config, merge_deepspeed_config, read_deepspeed_json
+from rexrag_fast.train.config import Config
+from rexrag_fast.train.config_checks import merge_deepspeed_config, read_deepspeed_json
 from rexrag_fast.train.finite_guard import FiniteGuard, is_finite
 from rexrag_fast.train.metrics import peak_memory_bytes
 from rexrag_fast.train.packing import PackedBatch
@@ -139,7 +140,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 def build_deepspeed_config(cfg: Config, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed config dict for the actor. Gradient accumulation is driven by the actor (variable
     micro-batch counts), so DeepSpeed sees one micro-batch per step and a boundary flag set by hand.
-    deepspeed.config_file, when set, is merged over it (`config.merge_deepspeed_config`)."""
+    deepspeed.config_file, when set, is merged over it (`config_checks.merge_deepspeed_config`)."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:

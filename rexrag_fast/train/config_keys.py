@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Union
 
-from rexrag_fast.train.config import Config, ConfigError, parse_scalar, plain_copy
+from rexrag_fast.train.config import Config, ConfigError
+from rexrag_fast.train.config_yaml import parse_scalar, plain_copy
 
 
 @dataclass(frozen=True)
