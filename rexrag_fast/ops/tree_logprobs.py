@@ -1,6 +1,6 @@
 """Log-probs of a transformers causal LM over a token tree: every shared prefix token computed once.
 
-A token tree (train/packing.py's TokenTree) holds N nodes in depth-first preorder: node i has a token, a depth
+A token tree (train/token_tree.py's TokenTree) holds N nodes in depth-first preorder: node i has a token, a depth
 (its position id in every sequence through it), a parent (-1 at roots) and a subtree [i, subtree_end[i]).
 Running the model's own layers over the N nodes with
 
