@@ -32,6 +32,7 @@ from rexrag_fast.retrieval.index import (
     MANIFEST_FILE,
     SPANS_FILE,
     IndexMismatchError,
+    LoadedIndex,
     atomic_write_text,
     check_file_sizes,
     load_spans,
@@ -94,14 +95,12 @@ def build_bm25_index(corpus_path: str | os.PathLike[str], out_dir: str | os.Path
     return manifest
 
 
-class BM25Retriever:
+class BM25Retriever(LoadedIndex):
     """BM25 retrieval in this process; `retrieve` answers exactly as `LocalRetriever.retrieve` does."""
 
     def __init__(self, model: Any, manifest: dict[str, Any], docs: DocStore, index_dir: Path) -> None:
+        super().__init__(manifest, docs, index_dir)
         self.model = model
-        self.manifest = manifest
-        self.docs = docs
-        self.index_dir = index_dir
 
     @classmethod
     def from_index(cls, index_dir: str | os.PathLike[str],
@@ -145,5 +144,3 @@ class BM25Retriever:
             out.append([{"document": d, "score": s} for d, s in hits] if return_scores else [d for d, _ in hits])
         return out
 
-    def close(self) -> None:
-        self.docs.close()

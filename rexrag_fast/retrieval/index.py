@@ -233,14 +233,24 @@ def _read_complete_manifest(d: Path) -> dict[str, Any]:
     return read_json_object(path)
 
 
-class DenseIndex:
-    """A loaded index directory: faiss index + manifest + the corpus rows it points to."""
+class LoadedIndex:
+    """An index directory in memory: its manifest, the corpus rows its ids point to, and where it lives."""
 
-    def __init__(self, index: Any, manifest: dict[str, Any], docs: DocStore, index_dir: Path) -> None:
-        self.index = index
+    def __init__(self, manifest: dict[str, Any], docs: DocStore, index_dir: Path) -> None:
         self.manifest = manifest
         self.docs = docs
         self.index_dir = index_dir
+
+    def close(self) -> None:
+        self.docs.close()
+
+
+class DenseIndex(LoadedIndex):
+    """A loaded dense index directory: the faiss index over the corpus rows."""
+
+    def __init__(self, index: Any, manifest: dict[str, Any], docs: DocStore, index_dir: Path) -> None:
+        super().__init__(manifest, docs, index_dir)
+        self.index = index
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike[str], embedder: str | None = None,
@@ -302,8 +312,6 @@ class DenseIndex:
         scores, ids = self.index.search(np.ascontiguousarray(query_emb, dtype=np.float32), k)
         return scores, ids
 
-    def close(self) -> None:
-        self.docs.close()
 
 
 def _describe(m: dict[str, Any]) -> str:
