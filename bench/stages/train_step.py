@@ -52,7 +52,7 @@ QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                  rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
 
-TINY = ["data.train_batch_size=2", "actor.ppo_mini_batch_size=1", "rollout.n_agent=2", "rollout.max_turns=1",
+TINY = ["data.train_batch_size=2", "actor.ppo_mini_batch_size=2", "rollout.n_agent=2", "rollout.max_turns=1",
         "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
         "actor.max_tokens_per_micro_batch=1024"]
 # One list of overrides per measured model.
@@ -73,7 +73,7 @@ COMMON = ["trainer.seed=3", "actor.lr=1e-5", "trainer.tensorboard=false", "train
           "actor.tree_packing=off"]  # fused vs eager on flat packs; the tree rows set it per trainer
 
 # Tree-packing rows: groups of 4 (Search-R1 uses 5), every probe kept.
-TREE = ["rollout.n_agent=4", "algorithm.rexrag.keep_ratio=1.0"]
+TREE = ["rollout.n_agent=4", "actor.ppo_mini_batch_size=4", "algorithm.rexrag.keep_ratio=1.0"]
 ANSWER_TURN = "<think> I remember this one. </think>\n<answer> {} </answer>"
 WRONG_ANSWER = "Nobody In Particular"
 
@@ -194,7 +194,7 @@ def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> lis
     train_tokens = metrics["fused"]["batch/train_tokens"]
     config = (f"{base.model.path}, {len(batch.trajs)} traj ({probes_made} probes), "
               f"{int(train_tokens)} train tokens, ppo_epochs {base.actor.ppo_epochs}, "
-              f"{base.data.train_batch_size // base.actor.ppo_mini_batch_size} mini-batches, "
+              f"{metrics['fused']['actor/optimizer_steps']:.0f} optimizer steps, "
               f"{'cuda' if cuda else 'cpu'} 1 rank ZeRO-{base.deepspeed.zero_stage}")
     step = {p: train_tokens / (rollout_s + seconds[p]) for p in seconds}
     learn = {p: train_tokens / seconds[p] for p in seconds}
@@ -204,7 +204,7 @@ def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> lis
     # Bytes: the bf16 (fp32 on CPU) weights read by each forward and backward, fp32 master weights and Adam
     # moments read and written once per optimizer step; activations are not counted (a lower bound).
     weight_bytes = n_params * (2 if cuda else 4)
-    steps = base.actor.ppo_epochs * max(1, base.data.train_batch_size // base.actor.ppo_mini_batch_size)
+    steps = int(metrics["fused"]["actor/optimizer_steps"])  # ppo_epochs x mini-batches of this learn()
     moved = weight_bytes * 6 + n_params * 4 * 3 * 2 * steps
     roof = Roofline(moved, flops, seconds["fused"], device_peaks("cuda" if cuda else "cpu"))
     return [

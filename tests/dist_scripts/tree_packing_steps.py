@@ -37,7 +37,7 @@ def learn_copy(batch: StepBatch) -> StepBatch:
 
 def main() -> int:
     out = out_dir_arg()
-    base = tiny_rexrag_config(out, "trainer.seed=5", "actor.ppo_mini_batch_size=2")
+    base = tiny_rexrag_config(out, "trainer.seed=5", "actor.ppo_mini_batch_size=4")  # rows: 2 mini-batches
     du.init_distributed()
     model, tokenizer = load_policy(base)
     retriever = build_trainer_retriever(base)
