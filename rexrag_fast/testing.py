@@ -105,9 +105,13 @@ class TensorMemoryTracker:
 
         from torch.utils._pytree import tree_leaves
 
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        def counted(t: object) -> bool:
+            # Opaque tensors (oneDNN-packed weights of the rollout engine) expose no storage to count.
+            return isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_mkldnn
+
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if counted(t)}
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
+            if not counted(t):
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
