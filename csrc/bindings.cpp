@@ -24,6 +24,7 @@ namespace py = pybind11;
 
 namespace rexrag {
 void bind_paged_attention(py::module_& m);  // paged_attention_bindings.cpp
+void bind_decoder_ops(py::module_& m);      // decoder_ops_cpu.cpp
 }  // namespace rexrag
 using rexrag::BlockAllocator;
 using rexrag::CacheError;
@@ -421,4 +422,5 @@ PYBIND11_MODULE(_C, m) {
     cache_cls.attr(def->ml_name) = py::reinterpret_steal<py::object>(descr);
   }
   rexrag::bind_paged_attention(m);
+  rexrag::bind_decoder_ops(m);
 }

@@ -242,7 +242,7 @@ void run_attention_plan(const AttnPlan& plan, const AttnTensors& t) {
   const int H = t.heads, G = t.heads / t.kv_heads, D = t.head_dim;
   int32_t max_rows = 1;
   for (const AttnItem& it : plan.items) max_rows = std::max(max_rows, it.rows_end - it.rows_begin);
-  const int64_t scratch_per_thread = static_cast<int64_t>(max_rows) * G * (2 * D + 2) + 2 * 16 * D + 64;
+  const int64_t scratch_per_thread = attn_generic::scratch_floats(max_rows * G, D);
   const int64_t P = plan.num_partials;
   // reused across calls: the partials of a prefill can be tens of MB
   static thread_local std::vector<float> partial_buf;

@@ -1,7 +1,9 @@
 // Paged attention on the CPU, reading K/V in place from the engine's paged pool (no per-step gather).
 //
-// Pool layout of one layer: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (bf16 or fp32);
-// token t of a sequence lives in block block_table[t / block_size], row t % block_size.
+// Pool layout of one layer (bf16 or fp32): k_cache [num_blocks, kv_heads, head_dim, block_size] (a block's
+// keys of one dimension adjacent: 16 of them are one vector load, no transpose), v_cache [num_blocks,
+// block_size, kv_heads, head_dim]; token t of a sequence lives in block block_table[t / block_size], row
+// t % block_size.
 //
 // A plan (built once per engine step, reused by every layer) lists work items. An item is one span of
 // blocks of one block table and a set of query rows that all attend to that span; row r sees keys at
@@ -58,8 +60,8 @@ enum class AttnDtype : int { kFloat32 = 0, kBFloat16 = 1 };
 
 struct AttnTensors {
   const void* q;     // [num_rows, heads, head_dim], contiguous
-  const void* k_cache;  // [num_blocks, block_size, kv_heads, head_dim], contiguous
-  const void* v_cache;
+  const void* k_cache;  // [num_blocks, kv_heads, head_dim, block_size], contiguous
+  const void* v_cache;  // [num_blocks, block_size, kv_heads, head_dim], contiguous
   void* out;         // [num_rows, heads, head_dim], contiguous, dtype of q
   AttnDtype q_dtype;
   AttnDtype kv_dtype;

@@ -61,7 +61,7 @@ def test_decode_matches_torch(dtype, block_size, heads, kv_heads, head_dim):
     expected = _decode_torch(q.float(), k_cache.float(), v_cache.float(), decode_meta(tables, lens))
     for share in (True, False):
         plan = cpu_attention.decode_plan(tables, lens, block_size, share_prefixes=share)
-        out = cpu_attention.paged_attention_cpu(plan, q, k_cache, v_cache)
+        out = cpu_attention.paged_attention_cpu(plan, q, cpu_attention.k_by_dim(k_cache), v_cache)
         assert out.dtype == dtype
         # bf16: the fp32 result rounded once to bf16 (2^-8 relative) plus fp32 reordering
         assert_close(out.float(), expected, atol=1e-5 if dtype == torch.float32 else 4e-3,
@@ -86,7 +86,8 @@ def test_decode_partial_last_block_is_not_shared():
     plan = cpu_attention.decode_plan(tables, lens, 16)
     assert plan.blocks_read == 1 + 2  # block 5 once; block 6 by each (row 1 sees only part of it)
     expected = _decode_torch(q, k_cache, v_cache, decode_meta(tables, lens))
-    assert_close(cpu_attention.paged_attention_cpu(plan, q, k_cache, v_cache), expected, name="decode")
+    out = cpu_attention.paged_attention_cpu(plan, q, cpu_attention.k_by_dim(k_cache), v_cache)
+    assert_close(out, expected, name="decode")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -118,7 +119,8 @@ def test_prefill_over_cached_context_matches_torch(dtype, block_size):
     meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=bt,
                              context_lens=lens, cu_seqlens_q=cu, query_lens_list=new_tokens, context_lens_list=ctx)
     expected = _prefill_torch(q.float(), k_new.float(), v_new.float(), k_cache.float(), v_cache.float(), meta)
-    out = cpu_attention.paged_attention_cpu(cpu_attention.prefill_plan(bt, lens, cu, block_size), q, k_cache, v_cache)
+    plan = cpu_attention.prefill_plan(bt, lens, cu, block_size)
+    out = cpu_attention.paged_attention_cpu(plan, q, cpu_attention.k_by_dim(k_cache), v_cache)
     assert_close(out.float(), expected, atol=1e-5 if dtype == torch.float32 else 4e-3,
                  rtol=1e-4 if dtype == torch.float32 else 8e-3, name="prefill")
 
@@ -130,10 +132,10 @@ def test_bad_inputs_are_refused():
         cpu_attention.decode_plan(tables, torch.tensor([33], dtype=torch.int32), 16)  # more than 2 blocks hold
     plan = cpu_attention.decode_plan(tables, torch.tensor([20], dtype=torch.int32), 16)
     with pytest.raises(ValueError, match="rows"):
-        cpu_attention.paged_attention_cpu(plan, torch.randn(2, 4, 16), k_cache, v_cache)
+        cpu_attention.paged_attention_cpu(plan, torch.randn(2, 4, 16), cpu_attention.k_by_dim(k_cache), v_cache)
     with pytest.raises(ValueError, match="dtypes"):
-        cpu_attention.paged_attention_cpu(plan, torch.randn(1, 4, 16).half(), k_cache, v_cache)
+        cpu_attention.paged_attention_cpu(plan, torch.randn(1, 4, 16).half(), cpu_attention.k_by_dim(k_cache), v_cache)
     far = cpu_attention.decode_plan(torch.tensor([[1, 9]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32),
                                     16)
     with pytest.raises(ValueError, match="outside the pool"):
-        cpu_attention.paged_attention_cpu(far, torch.randn(1, 4, 16), k_cache, v_cache)
+        cpu_attention.paged_attention_cpu(far, torch.randn(1, 4, 16), cpu_attention.k_by_dim(k_cache), v_cache)

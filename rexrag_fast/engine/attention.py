@@ -1,7 +1,8 @@
 """Attention over the paged KV pool: write new K/V into their slots, then attend.
 
-Layout of one layer's cache: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim]; token t of a
-sequence lives in slot block_table[t // block_size] * block_size + t % block_size.
+Layout of one layer's cache: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (the "cpp"
+backend keeps K as [num_blocks, kv_heads, head_dim, block_size], see KVPool); token t of a sequence lives
+in slot block_table[t // block_size] * block_size + t % block_size.
 
 Prefill (varlen): sequence i brings n_i new tokens after c_i - n_i cached ones (c_i = context length); new
 token r attends to keys j <= c_i - n_i + r. Decode: one new token per sequence, attending to all c_i keys.
@@ -57,6 +58,7 @@ class AttentionMetadata:
     prefill_masks: list[torch.Tensor | None] | None = None
     decode_mask: torch.Tensor | None = None
     cpu_plan: Any = None  # rexrag_fast._C.AttentionPlan of the "cpp" backend
+    slot_blocks_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (slot // block_size, slot % block_size)
 
 
 def _flash_attn_importable() -> bool:
@@ -156,6 +158,17 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def write_kv_by_dim(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    meta: AttentionMetadata) -> None:
+    """write_kv for the "cpp" layout: k_cache [num_blocks, kv_heads, head_dim, block_size] (in place)."""
+    if meta.slot_blocks_rows is None:
+        block_size = k_cache.shape[-1]
+        meta.slot_blocks_rows = (meta.slot_mapping // block_size, meta.slot_mapping % block_size)
+    blocks, rows = meta.slot_blocks_rows
+    k_cache[blocks, :, :, rows] = k
+    v_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, meta.slot_mapping, v)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -276,7 +289,7 @@ def _attend_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torc
                 meta: AttentionMetadata) -> torch.Tensor:
     from rexrag_fast.engine.cpu_attention import paged_attention_cpu
 
-    plan = _cpu_plan(meta, k_cache.shape[1])
+    plan = _cpu_plan(meta, v_cache.shape[1])
     if not meta.is_prefill:
         return paged_attention_cpu(plan, q, k_cache, v_cache)
     out = torch.empty_like(q)
@@ -297,15 +310,28 @@ def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                                   q.shape[-1] ** -0.5)
 
 
+def attend_written(backend: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor:
+    """Decode attention of q [B, H, D] when this step's K/V are already in the cache (cpu_fused wrote them);
+    the "cpp" backend only."""
+    if backend != "cpp" or meta.is_prefill:
+        raise ValueError(f"attend_written: decode on the 'cpp' backend only, got {backend!r}, "
+                         f"prefill={meta.is_prefill}")
+    from rexrag_fast.engine.cpu_attention import paged_attention_cpu
+
+    return paged_attention_cpu(_cpu_plan(meta, v_cache.shape[1]), q, k_cache, v_cache)
+
+
 def paged_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """Write k, v [T, KV, D] into the cache, then attend: q [T, H, D] -> [T, H, D].
 
     For decode T = B (one token per sequence).
     """
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if backend == "cpp":
+        write_kv_by_dim(k_cache, v_cache, k, v, meta)
         return _attend_cpp(q, k, v, k_cache, v_cache, meta)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if backend == "triton" and not meta.is_prefill:
         return _decode_triton(q, k_cache, v_cache, meta)
     if backend == "flash_attn":

@@ -55,20 +55,28 @@ def prefill_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seql
                                     _int32_array(cu_seqlens_q), block_size)
 
 
+def k_by_dim(k_cache: torch.Tensor) -> torch.Tensor:
+    """A K cache [num_blocks, block_size, KV, D] in the kernel's layout [num_blocks, KV, D, block_size]."""
+    return k_cache.permute(0, 2, 3, 1).contiguous()
+
+
 def paged_attention_cpu(plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         scale: float | None = None) -> torch.Tensor:
-    """q [T, H, D] (T = plan.num_rows) over k_cache, v_cache [num_blocks, block_size, KV, D] -> [T, H, D].
+    """q [T, H, D] (T = plan.num_rows) over k_cache [num_blocks, KV, D, block_size] (k_by_dim's layout) and
+    v_cache [num_blocks, block_size, KV, D] -> [T, H, D].
 
     scale defaults to 1/sqrt(D); query head h reads KV head h // (H / KV). q and the caches are float32 or
     bfloat16 CPU tensors (the output has q's dtype).
     """
     if q.device.type != "cpu" or k_cache.device.type != "cpu" or v_cache.device.type != "cpu":
         raise ValueError(f"paged_attention_cpu: expected CPU tensors, got q on {q.device}, cache on {k_cache.device}")
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"paged_attention_cpu: expected q [T, H, D] and caches [blocks, block_size, KV, D], got "
-                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if (q.dim() != 3 or v_cache.dim() != 4 or k_cache.dim() != 4
+            or k_cache.shape != (v_cache.shape[0], v_cache.shape[2], v_cache.shape[3], v_cache.shape[1])):
+        raise ValueError(f"paged_attention_cpu: expected q [T, H, D], k_cache [blocks, KV, D, block_size] and "
+                         f"v_cache [blocks, block_size, KV, D], got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
     t, heads, head_dim = q.shape
-    num_blocks, _, kv_heads, cache_dim = k_cache.shape
+    num_blocks, _, kv_heads, cache_dim = v_cache.shape
     if cache_dim != head_dim or heads % kv_heads:
         raise ValueError(f"paged_attention_cpu: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} "
                          "(same head_dim, heads a multiple of kv_heads)")

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rexrag_fast.engine.attention import AttentionMetadata, choose_backend, paged_attention
+from rexrag_fast.engine import cpu_fused
+from rexrag_fast.engine.attention import AttentionMetadata, attend_written, choose_backend, paged_attention
 from rexrag_fast.engine.kv_pool import KVPool
 from rexrag_fast.engine.weights import DecoderWeights, state_dict_of
 
@@ -57,9 +58,14 @@ class ModelRunner:
         s = self.weights.shape
         self.shape = s
         self.device, self.dtype = device, dtype
-        self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device)
         self.backend = choose_backend(attention_backend, device, block_size, dtype)
+        self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device,
+                         k_by_dim=self.backend == "cpp")
         self.pack = mkldnn_packing_helps(device, dtype)
+        # C++ elementwise ops (cpu_fused): rope + K/V write on the "cpp" backend (bit-identical to the torch ops);
+        # the norms in bf16 only, where the fp32 sum of squares' order does not show (fp32 stays the reference)
+        self.fused_rope = self.backend == "cpp" and cpu_fused.available()
+        self.fused_norm = self.fused_rope and dtype == torch.bfloat16
         self._pack_weights()
         # "cpp" decode steps: KV blocks read per layer and KV head (K and V each), and reads saved by reading
         # shared prefix blocks once (bench/stages/rollout.py turns them into bytes per step)
@@ -89,28 +95,48 @@ class ModelRunner:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
+    def _norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """x += delta (in place; the residual add of the previous sublayer), then rms_norm(x) * weight."""
+        if self.fused_norm:
+            return cpu_fused.add_rms_norm(x, delta, weight, self.shape.rms_norm_eps)
+        if delta is not None:
+            x.add_(delta)
+        return rms_norm(x, weight, self.shape.rms_norm_eps)
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 logits_index: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [T] -> fp32 logits [len(logits_index), vocab] at rows logits_index of the batch."""
         w, s = self.weights, self.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        cos, sin = w.cos[positions], w.sin[positions]
+        # decode on the C++ backend: rope, the K/V write and q's copy in one call (a prefill's fresh sequences
+        # attend to their new k, v directly, so it keeps the torch ops)
+        fused_rope = self.fused_rope and not meta.is_prefill
+        if not fused_rope:
+            cos, sin = w.cos[positions], w.sin[positions]
         x = w.embed[input_ids]
+        delta = None  # the last sublayer's output, added to x by the next norm
         for i, layer in enumerate(w.layers):
             k_cache, v_cache = self.kv.layer(i)
             pk = self.packed[i] if self.packed is not None else dict.fromkeys(PACKED)
-            h = rms_norm(x, layer["input_norm"], s.rms_norm_eps)
+            h = self._norm(x, delta, layer["input_norm"])
             qkv = self._linear(h, layer["wqkv"], layer["bqkv"], pk["wqkv"])
-            # q and k rotated in one pass (half the per-layer op launches of two calls; the same elementwise math)
-            qk = apply_rope(qkv[:, :q_size + kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
-            q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
-            v = qkv[:, q_size + kv_size:].reshape(-1, s.num_kv_heads, s.head_dim)
-            o = paged_attention(self.backend, q, k, v, k_cache, v_cache, meta)
-            x = x + self._linear(o.reshape(-1, q_size), layer["wo"], layer["bo"], pk["wo"])
-            h = rms_norm(x, layer["post_norm"], s.rms_norm_eps)
+            if fused_rope:
+                q = cpu_fused.rope_write_kv(qkv, positions, w.cos, w.sin, meta.slot_mapping, k_cache, v_cache,
+                                            s.num_heads)
+                o = attend_written(self.backend, q, k_cache, v_cache, meta)
+            else:
+                # q and k rotated in one pass (half the per-layer op launches of two calls; the same math)
+                qk = apply_rope(qkv[:, :q_size + kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim),
+                                cos, sin)
+                q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
+                v = qkv[:, q_size + kv_size:].reshape(-1, s.num_kv_heads, s.head_dim)
+                o = paged_attention(self.backend, q, k, v, k_cache, v_cache, meta)
+            delta = self._linear(o.reshape(-1, q_size), layer["wo"], layer["bo"], pk["wo"])
+            h = self._norm(x, delta, layer["post_norm"])
             gate, up = self._linear(h, layer["w_gate_up"], layer["b_gate_up"], pk["w_gate_up"]).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, layer["w_down"], layer["b_down"], pk["w_down"])
+            delta = self._linear(F.silu(gate) * up, layer["w_down"], layer["b_down"], pk["w_down"])
+        x = x + delta
         if self.backend == "cpp" and not meta.is_prefill:
             self.decode_steps += 1
             self.decode_kv_blocks_read += meta.cpu_plan.blocks_read

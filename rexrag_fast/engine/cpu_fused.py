@@ -1,0 +1,77 @@
+"""Elementwise parts of a decoder layer fused in C++ (csrc/decoder_ops_cpu.cpp) for the CPU engine.
+
+In a bf16 decode step of SmolLM2 at batch 16 the ~20 small torch ops per layer (norms, rotary embedding,
+the K/V write, copies) cost more than the attention once both were fast; these two calls replace them.
+Rounding is that of the torch composition they replace (bf16: each product and sum rounded where the torch
+op rounds), so rope_write_kv is bit-identical to it and add_rms_norm differs only in the order of its fp32
+sum of squares.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _ext():
+    from rexrag_fast import _C
+
+    return _C
+
+
+def available() -> bool:
+    """True when the built extension has the fused ops (an older build may not)."""
+    try:
+        return hasattr(_ext(), "rope_write_kv")
+    except ImportError:
+        return False
+
+
+def _check(name: str, dtype: torch.dtype, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name}: expected contiguous CPU {dtype} tensors, got {t.dtype} on {t.device} "
+                             f"(contiguous: {t.is_contiguous()})")
+
+
+def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  heads: int) -> torch.Tensor:
+    """Rotary embedding of q and k from qkv [T, (H + 2 KV) * D], K and V written into the pool, q returned.
+
+    positions, slot_mapping [T] int64; cos, sin [P, D]; k_cache [num_blocks, KV, D, block_size] and
+    v_cache [num_blocks, block_size, KV, D] (the "cpp" layout of KVPool). Returns q [T, H, D] (contiguous).
+    rope(x) = x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a).
+    """
+    num_blocks, kv_heads, head_dim, block_size = k_cache.shape
+    tokens = qkv.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"rope_write_kv: qkv {tuple(qkv.shape)} does not fit {heads} heads, {kv_heads} KV heads "
+                         f"of even size {head_dim}")
+    if v_cache.shape != (num_blocks, block_size, kv_heads, head_dim) or cos.shape[1] != head_dim:
+        raise ValueError(f"rope_write_kv: caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} and tables "
+                         f"{tuple(cos.shape)} do not fit")
+    _check("rope_write_kv", qkv.dtype, qkv, cos, sin, k_cache, v_cache)
+    _check("rope_write_kv", torch.int64, positions, slot_mapping)
+    q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype)
+    _ext().rope_write_kv(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                         slot_mapping.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         _DTYPE_CODE[qkv.dtype], tokens, heads, kv_heads, head_dim, block_size)
+    return q
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, hidden] += delta (in place, when given); returns weight * rms_norm(x) [T, hidden].
+
+    rms_norm(x) = x / sqrt(mean(x^2) + eps), in fp32, rounded to x's dtype before the weight multiplies it.
+    """
+    tokens, hidden = x.shape
+    if weight.shape != (hidden,) or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)}, delta {None if delta is None else tuple(delta.shape)}"
+                         f" and weight {tuple(weight.shape)} do not fit")
+    _check("add_rms_norm", x.dtype, x, weight, *(() if delta is None else (delta,)))
+    out = torch.empty_like(x)
+    _ext().add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                        _DTYPE_CODE[x.dtype], tokens, hidden, float(eps))
+    return out
