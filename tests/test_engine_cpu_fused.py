@@ -77,3 +77,45 @@ def test_bad_inputs_are_refused():
         cpu_fused.rope_write_kv(torch.zeros(2, 4 * 8), positions, cos.bfloat16(), sin, slots, k_cache, v_cache, 2)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_fused.add_rms_norm(torch.zeros(2, 8), None, torch.ones(7), 1e-6)
+
+
+@pytest.mark.parametrize("vocab", [5, 16, 49159])
+def test_sample_rows_greedy_is_the_first_argmax_with_its_log_softmax(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = 4 * torch.randn(6, vocab, generator=g)
+    logits[1, vocab // 2] = logits[1, vocab - 1] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2, 0] = float("-inf")
+    tokens, logprobs = cpu_fused.sample_rows(logits, [0.0] * 6, [0.5] * 6)
+    assert tokens == torch.argmax(logits, dim=-1).tolist() and tokens[1] == vocab // 2
+    expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+    assert_close(torch.tensor(logprobs), expected, atol=1e-5, rtol=1e-5, name="greedy logprobs")
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_sample_rows_inverts_the_cdf_of_the_tempered_softmax(temperature):
+    """Uniforms on a grid (k + 0.5) / N: token i is drawn for a share of them equal to its probability (within
+    the grid's 1/N and the fp32 rounding of the running sum); a -inf logit is never drawn."""
+    g = torch.Generator().manual_seed(3)
+    logits = 2 * torch.randn(37, generator=g)
+    logits[11] = float("-inf")
+    n = 4000
+    uniforms = ((torch.arange(n) + 0.5) / n).tolist()
+    tokens, logprobs = cpu_fused.sample_rows(logits.expand(n, 37).contiguous(), [temperature] * n, uniforms)
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    share = torch.bincount(torch.tensor(tokens), minlength=37).float() / n
+    assert share[11] == 0
+    assert_close(share, log_p.exp(), atol=2.0 / n, rtol=0.0, name="draw shares")
+    assert_close(torch.tensor(logprobs), log_p[torch.tensor(tokens)], atol=1e-5, rtol=1e-5, name="logprobs")
+
+
+def test_sample_rows_refuses_rows_without_a_distribution():
+    logits = torch.zeros(3, 20)
+    logits[1] = float("-inf")
+    with pytest.raises(ValueError, match=r"rows \[1\] hold a NaN or no finite value"):
+        cpu_fused.sample_rows(logits, [1.0] * 3, [0.5] * 3)
+    logits[1] = 0.0
+    logits[2, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        cpu_fused.sample_rows(logits, [0.0] * 3, [0.5] * 3)
+    with pytest.raises(ValueError, match="3 rows, 2 temperatures"):
+        cpu_fused.sample_rows(logits, [1.0] * 2, [0.5] * 3)

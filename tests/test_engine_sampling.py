@@ -27,12 +27,16 @@ def prompt(tokenizer, text: str = "Question: who wrote the book? <search>") -> l
     return tokenizer.encode(text)
 
 
-def test_same_seed_same_tokens_whatever_the_batch(engine, tokenizer):
+@pytest.mark.parametrize("top_p,others_top_p", [(0.95, 1.0), (1.0, 0.9)])
+def test_same_seed_same_tokens_whatever_the_batch(engine, tokenizer, top_p, others_top_p):
+    """Also across the two samplers: a plain-temperature row (the C++ one on CPU) batched with top-p rows
+    (torch's), and the other way round."""
     p = prompt(tokenizer)
-    sp = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=16, stop=(), seed=123)
+    sp = SamplingParams(temperature=1.0, top_p=top_p, max_tokens=16, stop=(), seed=123)
     alone = engine.generate([Request(p, sp)])[0]
     others = [Request(prompt(tokenizer, f"Other prompt number {i} with some words"),
-                      SamplingParams(temperature=0.8, max_tokens=5 + i, stop=(), seed=i)) for i in range(4)]
+                      SamplingParams(temperature=0.8, top_p=others_top_p, max_tokens=5 + i, stop=(), seed=i))
+              for i in range(4)]
     batched = engine.generate(others[:2] + [Request(p, sp)] + others[2:])[2]
     assert batched.output_token_ids == alone.output_token_ids
     assert batched.output_logprobs == pytest.approx(alone.output_logprobs, abs=1e-5)
