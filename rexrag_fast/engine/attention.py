@@ -247,59 +247,28 @@ def _decode_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return o.squeeze(1)
 
 
-@dataclasses.dataclass
-class _CppPrefillPlan:
-    """A prefill on the "cpp" backend. Sequences with nothing cached attend to their own new K/V with SDPA
-    (causal, no pool read: its fused kernel beats ours on long causal blocks); the others, with cached
-    context, go through the C++ kernel over the pool: rows [R] of q, planned as their own varlen batch."""
-
-    fresh: list[tuple[int, int]]  # (first row, new tokens) of each sequence with nothing cached
-    rows: torch.Tensor | None  # [R] int64
-    plan: Any
-
-
 def _cpu_plan(meta: AttentionMetadata, block_size: int) -> Any:
+    """The C++ kernel's plan of this step, built by the first layer and reused by the others. A prefill's
+    sequences with nothing cached go through it too: its causal tiles ran 2.5x faster than SDPA on 16 fresh
+    565-token SmolLM2 prompts in bf16 (2-core AMD EPYC)."""
     from rexrag_fast.engine import cpu_attention
 
-    if meta.cpu_plan is not None:
-        return meta.cpu_plan
-    if not meta.is_prefill:
-        meta.cpu_plan = cpu_attention.decode_plan(meta.block_tables, meta.context_lens, block_size)
-        return meta.cpu_plan
-    fresh, cached, rows, start = [], [], [], 0
-    for i, (n, c) in enumerate(zip(meta.query_lens_list, meta.context_lens_list)):
-        if n == c:
-            fresh.append((start, n))
-        else:
-            cached.append(i)
-            rows.append(torch.arange(start, start + n))
-        start += n
-    plan = row_index = None
-    if cached:
-        idx = torch.tensor(cached)
-        q_lens = torch.tensor([meta.query_lens_list[i] for i in cached], dtype=torch.int32)
-        cu = torch.cat([torch.zeros(1, dtype=torch.int32), q_lens.cumsum(0).to(torch.int32)])
-        plan = cpu_attention.prefill_plan(meta.block_tables[idx], meta.context_lens[idx], cu, block_size)
-        row_index = torch.cat(rows)
-    meta.cpu_plan = _CppPrefillPlan(fresh, row_index, plan)
+    if meta.cpu_plan is None:
+        meta.cpu_plan = (cpu_attention.prefill_plan(meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
+                                                    block_size) if meta.is_prefill
+                         else cpu_attention.decode_plan(meta.block_tables, meta.context_lens, block_size))
     return meta.cpu_plan
 
 
-def _attend_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+def attend_written(backend: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor:
+    """Attention of q [T, H, D] over the cache when this step's K/V are already in it (written by
+    cpu_fused.rope_write_kv or write_kv_by_dim); the "cpp" backend only."""
     from rexrag_fast.engine.cpu_attention import paged_attention_cpu
 
-    plan = _cpu_plan(meta, v_cache.shape[1])
-    if not meta.is_prefill:
-        return paged_attention_cpu(plan, q, k_cache, v_cache)
-    out = torch.empty_like(q)
-    for start, n in plan.fresh:
-        qi, ki, vi = (x[start:start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
-        out[start:start + n] = o[0].transpose(0, 1)
-    if plan.plan is not None:
-        out[plan.rows] = paged_attention_cpu(plan.plan, q[plan.rows], k_cache, v_cache)
-    return out
+    if backend != "cpp":
+        raise ValueError(f"attend_written: the 'cpp' backend only, got {backend!r}")
+    return paged_attention_cpu(_cpu_plan(meta, v_cache.shape[1]), q, k_cache, v_cache)
 
 
 def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -310,18 +279,6 @@ def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                                   q.shape[-1] ** -0.5)
 
 
-def attend_written(backend: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta: AttentionMetadata) -> torch.Tensor:
-    """Decode attention of q [B, H, D] when this step's K/V are already in the cache (cpu_fused wrote them);
-    the "cpp" backend only."""
-    if backend != "cpp" or meta.is_prefill:
-        raise ValueError(f"attend_written: decode on the 'cpp' backend only, got {backend!r}, "
-                         f"prefill={meta.is_prefill}")
-    from rexrag_fast.engine.cpu_attention import paged_attention_cpu
-
-    return paged_attention_cpu(_cpu_plan(meta, v_cache.shape[1]), q, k_cache, v_cache)
-
-
 def paged_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """Write k, v [T, KV, D] into the cache, then attend: q [T, H, D] -> [T, H, D].
@@ -330,7 +287,7 @@ def paged_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """
     if backend == "cpp":
         write_kv_by_dim(k_cache, v_cache, k, v, meta)
-        return _attend_cpp(q, k, v, k_cache, v_cache, meta)
+        return attend_written(backend, q.contiguous(), k_cache, v_cache, meta)
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if backend == "triton" and not meta.is_prefill:
         return _decode_triton(q, k_cache, v_cache, meta)

@@ -109,10 +109,7 @@ class ModelRunner:
         """input_ids, positions [T] -> fp32 logits [len(logits_index), vocab] at rows logits_index of the batch."""
         w, s = self.weights, self.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        # decode on the C++ backend: rope, the K/V write and q's copy in one call (a prefill's fresh sequences
-        # attend to their new k, v directly, so it keeps the torch ops)
-        fused_rope = self.fused_rope and not meta.is_prefill
-        if not fused_rope:
+        if not self.fused_rope:
             cos, sin = w.cos[positions], w.sin[positions]
         x = w.embed[input_ids]
         delta = None  # the last sublayer's output, added to x by the next norm
@@ -121,7 +118,7 @@ class ModelRunner:
             pk = self.packed[i] if self.packed is not None else dict.fromkeys(PACKED)
             h = self._norm(x, delta, layer["input_norm"])
             qkv = self._linear(h, layer["wqkv"], layer["bqkv"], pk["wqkv"])
-            if fused_rope:
+            if self.fused_rope:  # rope, the K/V write and q's copy in one call
                 q = cpu_fused.rope_write_kv(qkv, positions, w.cos, w.sin, meta.slot_mapping, k_cache, v_cache,
                                             s.num_heads)
                 o = attend_written(self.backend, q, k_cache, v_cache, meta)
