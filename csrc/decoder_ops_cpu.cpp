@@ -12,9 +12,7 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu_isa.h"
 
 namespace py = pybind11;
 
@@ -24,27 +22,15 @@ namespace ops_generic {
 #include "decoder_ops_cpu_kernel.inc"
 }  // namespace ops_generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define REXRAG_HAVE_AVX512_OPS 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,bmi2,f16c")
+#ifdef REXRAG_HAVE_AVX512_BUILD
+REXRAG_AVX512_BEGIN
 namespace ops_avx512 {
 #include "decoder_ops_cpu_kernel.inc"
 }  // namespace ops_avx512
-#pragma GCC pop_options
+REXRAG_AVX512_END
 #endif
 
 namespace {
-
-bool use_avx512() {
-#ifdef REXRAG_HAVE_AVX512_OPS
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-#else
-  return false;
-#endif
-}
 
 bool is_bf16(int code) {
   if (code != 0 && code != 1) {
@@ -66,8 +52,8 @@ template <typename T>
 void rope_write_kv(uintptr_t qkv, uintptr_t positions, uintptr_t cos, uintptr_t sin, uintptr_t slots, uintptr_t q_out,
                    uintptr_t k_cache, uintptr_t v_cache, int64_t tokens, int heads, int kv_heads, int head_dim,
                    int block_size) {
-#ifdef REXRAG_HAVE_AVX512_OPS
-  if (use_avx512()) {
+#ifdef REXRAG_HAVE_AVX512_BUILD
+  if (cpu_has_avx512()) {
     ops_avx512::rope_write_kv_typed(cptr<T>(qkv), cptr<int64_t>(positions), cptr<T>(cos), cptr<T>(sin),
                                     cptr<int64_t>(slots), mptr<T>(q_out), mptr<T>(k_cache), mptr<T>(v_cache),
                                     tokens, heads, kv_heads, head_dim, block_size);
@@ -81,8 +67,8 @@ void rope_write_kv(uintptr_t qkv, uintptr_t positions, uintptr_t cos, uintptr_t 
 
 template <typename T>
 void add_rms_norm(uintptr_t x, uintptr_t delta, uintptr_t w, uintptr_t out, int64_t tokens, int hidden, float eps) {
-#ifdef REXRAG_HAVE_AVX512_OPS
-  if (use_avx512()) {
+#ifdef REXRAG_HAVE_AVX512_BUILD
+  if (cpu_has_avx512()) {
     ops_avx512::add_rms_norm_typed(mptr<T>(x), cptr<T>(delta), cptr<T>(w), mptr<T>(out), tokens, hidden, eps);
     return;
   }
@@ -128,14 +114,14 @@ void bind_decoder_ops(py::module_& m) {
         const float* u = cptr<float>(uniforms);
         int64_t* tok = mptr<int64_t>(tokens);
         float* lp = mptr<float>(logprobs);
-        const bool avx512 = use_avx512();
+        const bool avx512 = cpu_has_avx512();
 #pragma omp parallel if (rows > 1)
         {
           static thread_local std::vector<float> scratch;
           if (static_cast<int64_t>(scratch.size()) < vocab) scratch.resize(vocab);
 #pragma omp for schedule(static)
           for (int64_t r = 0; r < rows; ++r) {
-#ifdef REXRAG_HAVE_AVX512_OPS
+#ifdef REXRAG_HAVE_AVX512_BUILD
             if (avx512) {
               tok[r] = ops_avx512::sample_row(x + r * vocab, vocab, t[r], u[r], scratch.data(), lp + r);
               continue;

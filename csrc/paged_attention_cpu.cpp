@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -17,27 +19,15 @@ namespace attn_generic {
 #include "paged_attention_cpu_kernel.inc"
 }  // namespace attn_generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define REXRAG_HAVE_AVX512_BUILD 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,bmi2,f16c")
+#ifdef REXRAG_HAVE_AVX512_BUILD
+REXRAG_AVX512_BEGIN
 namespace attn_avx512 {
 #include "paged_attention_cpu_kernel.inc"
 }  // namespace attn_avx512
-#pragma GCC pop_options
+REXRAG_AVX512_END
 #endif
 
 namespace {
-
-bool cpu_has_avx512() {
-#ifdef REXRAG_HAVE_AVX512_BUILD
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-#else
-  return false;
-#endif
-}
 
 void check_table(const int32_t* block_tables, int32_t batch, int32_t max_blocks, const int32_t* context_lens,
                  int32_t block_size) {

@@ -17,23 +17,30 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_CHUNK_BLOCKS = 8  # blocks per work item in decode: enough items to keep every thread busy
 
 
-def _ext():
+def extension():
+    """The C++ extension rexrag_fast._C (ImportError when it was not built)."""
     from rexrag_fast import _C
 
     return _C
 
 
-def available() -> bool:
-    """True when the built extension has the CPU paged attention (an older build may not)."""
+def extension_has(*names: str) -> bool:
+    """True when the built extension has all of `names` (an older build may lack newer ones)."""
     try:
-        return hasattr(_ext(), "paged_attention")
+        ext = extension()
     except ImportError:
         return False
+    return all(hasattr(ext, n) for n in names)
+
+
+def available() -> bool:
+    """True when the built extension has the CPU paged attention."""
+    return extension_has("paged_attention", "make_decode_plan", "make_prefill_plan")
 
 
 def isa() -> str:
     """'avx512' or 'generic': the code path the kernel takes on this CPU."""
-    return _ext().paged_attention_isa()
+    return extension().paged_attention_isa()
 
 
 def _int32_array(t: torch.Tensor):
@@ -43,7 +50,7 @@ def _int32_array(t: torch.Tensor):
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                 share_prefixes: bool = True):
     """Plan of a decode step: block_tables [B, max_blocks] int32, context_lens [B] int32 (keys per sequence)."""
-    return _ext().make_decode_plan(_int32_array(block_tables), _int32_array(context_lens), block_size,
+    return extension().make_decode_plan(_int32_array(block_tables), _int32_array(context_lens), block_size,
                                    DECODE_CHUNK_BLOCKS, share_prefixes)
 
 
@@ -51,7 +58,7 @@ def prefill_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seql
                  block_size: int):
     """Plan of a varlen prefill: sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and come
     after context_lens[b] - (new tokens) cached ones; block_tables [B, max_blocks], cu_seqlens_q [B + 1]."""
-    return _ext().make_prefill_plan(_int32_array(block_tables), _int32_array(context_lens),
+    return extension().make_prefill_plan(_int32_array(block_tables), _int32_array(context_lens),
                                     _int32_array(cu_seqlens_q), block_size)
 
 
@@ -89,7 +96,7 @@ def paged_attention_cpu(plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError("paged_attention_cpu: the caches must be contiguous")
     q = q.contiguous()
     out = torch.empty_like(q)
-    _ext().paged_attention(plan, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+    extension().paged_attention(plan, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
                            _DTYPE_CODE[q.dtype], _DTYPE_CODE[k_cache.dtype], heads, kv_heads, head_dim,
                            num_blocks, 1.0 / math.sqrt(head_dim) if scale is None else float(scale))
     return out

@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from rexrag_fast.engine.cpu_attention import extension, extension_has
+
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _ext():
-    from rexrag_fast import _C
-
-    return _C
-
-
 def available() -> bool:
-    """True when the built extension has the fused ops (an older build may not)."""
-    try:
-        return hasattr(_ext(), "rope_write_kv")
-    except ImportError:
-        return False
+    """True when the built extension has the fused ops."""
+    return extension_has("rope_write_kv", "add_rms_norm", "sample_rows")
 
 
 def _check(name: str, dtype: torch.dtype, *tensors: torch.Tensor) -> None:
@@ -56,7 +49,7 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     _check("rope_write_kv", qkv.dtype, qkv, cos, sin, k_cache, v_cache)
     _check("rope_write_kv", torch.int64, positions, slot_mapping)
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype)
-    _ext().rope_write_kv(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+    extension().rope_write_kv(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                          slot_mapping.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                          _DTYPE_CODE[qkv.dtype], tokens, heads, kv_heads, head_dim, block_size)
     return q
@@ -73,7 +66,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
                          f" and weight {tuple(weight.shape)} do not fit")
     _check("add_rms_norm", x.dtype, x, weight, *(() if delta is None else (delta,)))
     out = torch.empty_like(x)
-    _ext().add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+    extension().add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
                         _DTYPE_CODE[x.dtype], tokens, hidden, float(eps))
     return out
 
@@ -94,7 +87,7 @@ def sample_rows(logits: torch.Tensor, temperatures: list[float],
     draws = torch.tensor(uniforms, dtype=torch.float32)
     tokens = torch.empty(rows, dtype=torch.int64)
     logprobs = torch.empty(rows, dtype=torch.float32)
-    _ext().sample_rows(logits.data_ptr(), rows, vocab, temps.data_ptr(), draws.data_ptr(), tokens.data_ptr(),
+    extension().sample_rows(logits.data_ptr(), rows, vocab, temps.data_ptr(), draws.data_ptr(), tokens.data_ptr(),
                        logprobs.data_ptr())
     bad = (tokens < 0).nonzero().flatten().tolist()
     if bad:
