@@ -26,6 +26,10 @@ class EngineConfig:
     enable_prefix_caching: reuse KV of cached prefixes on admission and keep finished sequences' blocks.
     attention_backend: "auto" (the C++ paged kernel on the CPU; on CUDA flash-attn when importable, else the
         Triton decode kernel, else PyTorch), "cpp", "flash_attn", "triton" or "torch" (the reference path).
+    cuda_graphs: decode steps replay one CUDA graph per batch-size bucket (engine/cuda_graphs.py); None (the
+        default) = on when the engine runs on CUDA. One KV block is then reserved as the padding rows'
+        scratch slot. True on a CPU runs the same padded decode path without graphs (what tests exercise);
+        not with the "cpp" backend, whose plans refuse the padding rows' empty contexts.
     """
 
     num_blocks: int = 512
@@ -36,6 +40,7 @@ class EngineConfig:
     device: torch.device | str | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -44,6 +49,11 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}: expected a positive int, got {value!r}")
         if isinstance(self.dtype, str) and self.dtype != "auto":
             raise ValueError(f"EngineConfig.dtype: expected a torch dtype, None or 'auto', got {self.dtype!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise ValueError(f"EngineConfig.cuda_graphs: expected None, True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.num_blocks < 2:
+            raise ValueError(f"EngineConfig.num_blocks: cuda_graphs reserve one block, so at least 2 are needed, "
+                             f"got {self.num_blocks}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"EngineConfig.attention_backend: expected one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"

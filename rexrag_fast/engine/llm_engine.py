@@ -16,6 +16,7 @@ from rexrag_fast.engine.attention import AttentionMetadata
 from rexrag_fast.engine.block_manager import BlockManager, blocks_for
 from rexrag_fast.engine.config import EngineConfig, SamplingParams, resolve_dtype
 from rexrag_fast.engine.counters import EngineCounters
+from rexrag_fast.engine.cuda_graphs import DecodeGraphRunner
 from rexrag_fast.engine.model_runner import ModelRunner
 from rexrag_fast.engine.sampling import sample
 from rexrag_fast.engine.scheduler import Scheduler
@@ -59,7 +60,21 @@ class LLMEngine:
                                   attention_backend=config.attention_backend)
         self.shape = self.runner.shape
         self.device = device
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+        if graphs and self.runner.backend == "cpp":
+            raise ValueError("EngineConfig.cuda_graphs: the 'cpp' backend cannot run the padded decode path "
+                             "(pick attention_backend 'torch' on a CPU, or leave cuda_graphs None)")
+        # with graphs the last block is the padding rows' scratch: the allocator never hands it out
+        self.usable_blocks = config.num_blocks - 1 if graphs else config.num_blocks
+        self.block_manager = BlockManager(self.usable_blocks, config.block_size, config.enable_prefix_caching)
+        self.decode_graphs: DecodeGraphRunner | None = None
+        if graphs:
+            self.decode_graphs = DecodeGraphRunner(
+                self.runner.decode_forward, max_batch=min(config.max_num_seqs, config.max_num_batched_tokens),
+                max_blocks=min(self.usable_blocks, blocks_for(self.shape.max_position_embeddings, config.block_size)),
+                pad_slot=self.usable_blocks * config.block_size, device=device)
+            if device.type == "cuda":
+                self.decode_graphs.capture()
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.eos_token_ids = _eos_ids(model_config, tokenizer)
         self.counters = EngineCounters()
@@ -171,11 +186,11 @@ class LLMEngine:
                              "or pass SamplingParams(stop=())")
         seq = Sequence(self._next_id, Request(tokens, sp), max_pos, self._generator(sp))
         need = blocks_for(seq.max_len, self.config.block_size)
-        if need > self.config.num_blocks:
+        if need > self.usable_blocks:
             raise ValueError(
                 f"generate: a request of {len(tokens)} prompt + up to {seq.max_len - len(tokens)} new tokens "
                 f"needs {need} KV blocks of {self.config.block_size} tokens, but the pool has only "
-                f"{self.config.num_blocks} (raise EngineConfig.num_blocks or lower max_tokens)"
+                f"{self.usable_blocks} (raise EngineConfig.num_blocks or lower max_tokens)"
             )
         self._next_id += 1
         return seq
@@ -206,7 +221,11 @@ class LLMEngine:
         input_ids, positions, meta, sampling_rows, sampling_seqs = self._prepare(seqs, is_prefill)
         t1 = time.perf_counter()
         c.schedule_seconds += t1 - t0
-        logits = self.runner.forward(input_ids, positions, meta, sampling_rows)
+        if self.decode_graphs is not None and not is_prefill:  # every row of a decode step samples
+            logits = self.decode_graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables,
+                                            meta.context_lens)
+        else:
+            logits = self.runner.forward(input_ids, positions, meta, sampling_rows)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()

@@ -103,6 +103,15 @@ class ModelRunner:
             x.add_(delta)
         return rms_norm(x, weight, self.shape.rms_norm_eps)
 
+    def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """One decode step as cuda_graphs.DecodeForward: input_ids, positions, slot_mapping [B],
+        block_tables [B, max_blocks] int32, context_lens [B] int32 -> fp32 logits [B, vocab]. It reads no
+        host-side values, so a CUDA graph can record it."""
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping, block_tables=block_tables,
+                                 context_lens=context_lens)
+        return self.forward(input_ids, positions, meta, torch.arange(input_ids.shape[0], device=input_ids.device))
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 logits_index: torch.Tensor) -> torch.Tensor:
