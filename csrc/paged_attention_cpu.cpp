@@ -74,6 +74,25 @@ void add_span(AttnPlan& plan, int32_t table_row, int32_t begin, int32_t end, int
   }
 }
 
+// The members that have a block at column d, grouped by that block's id, groups in first-seen order.
+std::vector<std::vector<int32_t>> group_by_block(const AttnPlan& plan, const std::vector<int32_t>& members,
+                                                 int32_t d, const std::vector<int32_t>& num_blocks) {
+  std::vector<int32_t> keys;
+  std::vector<std::vector<int32_t>> groups;
+  for (int32_t s : members) {
+    if (d >= num_blocks[s]) continue;
+    const int32_t id = plan.block_tables[static_cast<int64_t>(s) * plan.max_blocks + d];
+    auto k = std::find(keys.begin(), keys.end(), id);
+    if (k == keys.end()) {
+      keys.push_back(id);
+      groups.push_back({s});
+    } else {
+      groups[k - keys.begin()].push_back(s);
+    }
+  }
+  return groups;
+}
+
 // Trie walk over the block tables of `members`, all equal on blocks [0, depth): extend the common run of
 // blocks that are full for every member, emit it once for all of them, then split by the next block id.
 void plan_shared(AttnPlan& plan, const std::vector<int32_t>& members, int32_t depth, int32_t chunk,
@@ -98,20 +117,7 @@ void plan_shared(AttnPlan& plan, const std::vector<int32_t>& members, int32_t de
     if (!common) break;
   }
   if (d > depth) add_span(plan, members[0], depth, d, chunk, members);
-  // group the members that have blocks left by their block id at d, keeping first-seen order
-  std::vector<int32_t> keys;
-  std::vector<std::vector<int32_t>> groups;
-  for (int32_t s : members) {
-    if (d >= num_blocks[s]) continue;
-    const int32_t id = bt[static_cast<int64_t>(s) * mb + d];
-    auto k = std::find(keys.begin(), keys.end(), id);
-    if (k == keys.end()) {
-      keys.push_back(id);
-      groups.push_back({s});
-    } else {
-      groups[k - keys.begin()].push_back(s);
-    }
-  }
+  const std::vector<std::vector<int32_t>> groups = group_by_block(plan, members, d, num_blocks);
   for (const auto& g : groups) {
     if (d == depth && g.size() == members.size()) {
       // the same block at d but not full for every member (cannot be shared): each reads its own rest
@@ -165,19 +171,9 @@ AttnPlan make_decode_plan(const int32_t* block_tables, int32_t batch, int32_t ma
     std::vector<int32_t> all(batch);
     for (int32_t b = 0; b < batch; ++b) all[b] = b;
     // top level: group by first block id (plan_shared expects members equal on [0, depth))
-    std::vector<int32_t> keys;
-    std::vector<std::vector<int32_t>> groups;
-    for (int32_t b : all) {
-      const int32_t id = block_tables[static_cast<int64_t>(b) * max_blocks];
-      auto k = std::find(keys.begin(), keys.end(), id);
-      if (k == keys.end()) {
-        keys.push_back(id);
-        groups.push_back({b});
-      } else {
-        groups[k - keys.begin()].push_back(b);
-      }
+    for (const auto& g : group_by_block(plan, all, 0, nblocks)) {
+      plan_shared(plan, g, 0, chunk_blocks, full, nblocks);
     }
-    for (const auto& g : groups) plan_shared(plan, g, 0, chunk_blocks, full, nblocks);
   } else {
     for (int32_t b = 0; b < batch; ++b) add_span(plan, b, 0, nblocks[b], chunk_blocks, {b});
   }

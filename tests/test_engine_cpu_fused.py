@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rexrag_fast.engine import cpu_fused
-from rexrag_fast.engine.attention import AttentionMetadata, write_kv_by_dim
+from rexrag_fast.engine.attention import write_kv_by_dim
 from rexrag_fast.engine.model_runner import apply_rope, rms_norm
 from rexrag_fast.testing import assert_close
 
@@ -38,9 +38,7 @@ def test_rope_write_kv_is_the_torch_composition_bit_for_bit(dtype, tokens, heads
     qk = apply_rope(qkv[:, :(heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim),
                     cos[positions], sin[positions])
     v = qkv[:, (heads + kv_heads) * head_dim:].reshape(tokens, kv_heads, head_dim)
-    meta = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=torch.zeros(1, 1, dtype=torch.int32),
-                             context_lens=torch.ones(1, dtype=torch.int32))
-    write_kv_by_dim(k_ref, v_ref, qk[:, heads:], v, meta)
+    write_kv_by_dim(k_ref, v_ref, qk[:, heads:], v, slots)
 
     k_cache, v_cache = pool()
     q = cpu_fused.rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, heads)

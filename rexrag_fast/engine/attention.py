@@ -58,7 +58,6 @@ class AttentionMetadata:
     prefill_masks: list[torch.Tensor | None] | None = None
     decode_mask: torch.Tensor | None = None
     cpu_plan: Any = None  # rexrag_fast._C.AttentionPlan of the "cpp" backend
-    slot_blocks_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (slot // block_size, slot % block_size)
 
 
 def _flash_attn_importable() -> bool:
@@ -77,9 +76,9 @@ def _triton_decode_importable() -> bool:
 
 
 def _cpp_available() -> bool:
-    from rexrag_fast.engine import cpu_attention
+    from rexrag_fast.engine import cpu_attention, cpu_fused
 
-    return cpu_attention.available()
+    return cpu_attention.available() and cpu_fused.available()
 
 
 def _flash_problems(device: torch.device, block_size: int, dtype: torch.dtype) -> list[str]:
@@ -102,7 +101,7 @@ def _cpp_problems(device: torch.device, dtype: torch.dtype) -> list[str]:
     if dtype not in (torch.float32, torch.bfloat16):
         problems.append(f"dtype {dtype} is not fp32/bf16")
     if not problems and not _cpp_available():
-        problems.append("rexrag_fast._C lacks the paged attention (rebuild: pip install -e .)")
+        problems.append("rexrag_fast._C lacks the paged attention or the fused ops (rebuild: pip install -e .)")
     return problems
 
 
@@ -161,14 +160,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def write_kv_by_dim(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    meta: AttentionMetadata) -> None:
-    """write_kv for the "cpp" layout: k_cache [num_blocks, kv_heads, head_dim, block_size] (in place)."""
-    if meta.slot_blocks_rows is None:
-        block_size = k_cache.shape[-1]
-        meta.slot_blocks_rows = (meta.slot_mapping // block_size, meta.slot_mapping % block_size)
-    blocks, rows = meta.slot_blocks_rows
-    k_cache[blocks, :, :, rows] = k
-    v_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, meta.slot_mapping, v)
+                    slot_mapping: torch.Tensor) -> None:
+    """write_kv for the "cpp" layout, k_cache [num_blocks, kv_heads, head_dim, block_size] (in place): the
+    torch composition of cpu_fused.rope_write_kv's write, which the model runner calls instead."""
+    block_size = k_cache.shape[-1]
+    k_cache[slot_mapping // block_size, :, :, slot_mapping % block_size] = k
+    v_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, slot_mapping, v)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -260,14 +257,12 @@ def _cpu_plan(meta: AttentionMetadata, block_size: int) -> Any:
     return meta.cpu_plan
 
 
-def attend_written(backend: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta: AttentionMetadata) -> torch.Tensor:
-    """Attention of q [T, H, D] over the cache when this step's K/V are already in it (written by
-    cpu_fused.rope_write_kv or write_kv_by_dim); the "cpp" backend only."""
+def attend_cpp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+    """The "cpp" backend's attention of q [T, H, D] over the cache, once this step's K/V are in it (written by
+    cpu_fused.rope_write_kv or write_kv_by_dim)."""
     from rexrag_fast.engine.cpu_attention import paged_attention_cpu
 
-    if backend != "cpp":
-        raise ValueError(f"attend_written: the 'cpp' backend only, got {backend!r}")
     return paged_attention_cpu(_cpu_plan(meta, v_cache.shape[1]), q, k_cache, v_cache)
 
 
@@ -286,8 +281,8 @@ def paged_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     For decode T = B (one token per sequence).
     """
     if backend == "cpp":
-        write_kv_by_dim(k_cache, v_cache, k, v, meta)
-        return attend_written(backend, q.contiguous(), k_cache, v_cache, meta)
+        write_kv_by_dim(k_cache, v_cache, k, v, meta.slot_mapping)
+        return attend_cpp(q.contiguous(), k_cache, v_cache, meta)
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if backend == "triton" and not meta.is_prefill:
         return _decode_triton(q, k_cache, v_cache, meta)

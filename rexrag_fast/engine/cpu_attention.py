@@ -13,7 +13,7 @@ import math
 
 import torch
 
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}  # the extension's dtype codes
 DECODE_CHUNK_BLOCKS = 8  # blocks per work item in decode: enough items to keep every thread busy
 
 
@@ -51,7 +51,7 @@ def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_si
                 share_prefixes: bool = True):
     """Plan of a decode step: block_tables [B, max_blocks] int32, context_lens [B] int32 (keys per sequence)."""
     return extension().make_decode_plan(_int32_array(block_tables), _int32_array(context_lens), block_size,
-                                   DECODE_CHUNK_BLOCKS, share_prefixes)
+                                        DECODE_CHUNK_BLOCKS, share_prefixes)
 
 
 def prefill_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -59,7 +59,7 @@ def prefill_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seql
     """Plan of a varlen prefill: sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and come
     after context_lens[b] - (new tokens) cached ones; block_tables [B, max_blocks], cu_seqlens_q [B + 1]."""
     return extension().make_prefill_plan(_int32_array(block_tables), _int32_array(context_lens),
-                                    _int32_array(cu_seqlens_q), block_size)
+                                         _int32_array(cu_seqlens_q), block_size)
 
 
 def k_by_dim(k_cache: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def paged_attention_cpu(plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                          "(same head_dim, heads a multiple of kv_heads)")
     if t != plan.num_rows:
         raise ValueError(f"paged_attention_cpu: q has {t} rows, the plan {plan.num_rows}")
-    if q.dtype not in _DTYPE_CODE or k_cache.dtype not in _DTYPE_CODE or v_cache.dtype != k_cache.dtype:
+    if q.dtype not in DTYPE_CODE or k_cache.dtype not in DTYPE_CODE or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"paged_attention_cpu: dtypes must be float32 or bfloat16, got q {q.dtype}, "
                          f"k {k_cache.dtype}, v {v_cache.dtype}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -97,6 +97,6 @@ def paged_attention_cpu(plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     q = q.contiguous()
     out = torch.empty_like(q)
     extension().paged_attention(plan, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-                           _DTYPE_CODE[q.dtype], _DTYPE_CODE[k_cache.dtype], heads, kv_heads, head_dim,
-                           num_blocks, 1.0 / math.sqrt(head_dim) if scale is None else float(scale))
+                                DTYPE_CODE[q.dtype], DTYPE_CODE[k_cache.dtype], heads, kv_heads, head_dim,
+                                num_blocks, 1.0 / math.sqrt(head_dim) if scale is None else float(scale))
     return out

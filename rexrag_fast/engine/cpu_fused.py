@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rexrag_fast.engine.cpu_attention import extension, extension_has
-
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+from rexrag_fast.engine.cpu_attention import DTYPE_CODE, extension, extension_has
 
 
 def available() -> bool:
@@ -50,8 +48,8 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     _check("rope_write_kv", torch.int64, positions, slot_mapping)
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype)
     extension().rope_write_kv(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                         slot_mapping.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                         _DTYPE_CODE[qkv.dtype], tokens, heads, kv_heads, head_dim, block_size)
+                              slot_mapping.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                              DTYPE_CODE[qkv.dtype], tokens, heads, kv_heads, head_dim, block_size)
     return q
 
 
@@ -66,8 +64,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
                          f" and weight {tuple(weight.shape)} do not fit")
     _check("add_rms_norm", x.dtype, x, weight, *(() if delta is None else (delta,)))
     out = torch.empty_like(x)
-    extension().add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                        _DTYPE_CODE[x.dtype], tokens, hidden, float(eps))
+    extension().add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(),
+                             out.data_ptr(), DTYPE_CODE[x.dtype], tokens, hidden, float(eps))
     return out
 
 
@@ -87,8 +85,8 @@ def sample_rows(logits: torch.Tensor, temperatures: list[float],
     draws = torch.tensor(uniforms, dtype=torch.float32)
     tokens = torch.empty(rows, dtype=torch.int64)
     logprobs = torch.empty(rows, dtype=torch.float32)
-    extension().sample_rows(logits.data_ptr(), rows, vocab, temps.data_ptr(), draws.data_ptr(), tokens.data_ptr(),
-                       logprobs.data_ptr())
+    extension().sample_rows(logits.data_ptr(), rows, vocab, temps.data_ptr(), draws.data_ptr(),
+                            tokens.data_ptr(), logprobs.data_ptr())
     bad = (tokens < 0).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"sample_rows: logits of rows {bad[:8]} hold a NaN or no finite value")

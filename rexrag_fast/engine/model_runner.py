@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rexrag_fast.engine import cpu_fused
-from rexrag_fast.engine.attention import AttentionMetadata, attend_written, choose_backend, paged_attention
+from rexrag_fast.engine.attention import AttentionMetadata, attend_cpp, choose_backend, paged_attention
 from rexrag_fast.engine.kv_pool import KVPool
 from rexrag_fast.engine.weights import DecoderWeights, state_dict_of
 
@@ -62,10 +62,10 @@ class ModelRunner:
         self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device,
                          k_by_dim=self.backend == "cpp")
         self.pack = mkldnn_packing_helps(device, dtype)
-        # C++ elementwise ops (cpu_fused): rope + K/V write on the "cpp" backend (bit-identical to the torch ops);
-        # the norms in bf16 only, where the fp32 sum of squares' order does not show (fp32 stays the reference)
-        self.fused_rope = self.backend == "cpp" and cpu_fused.available()
-        self.fused_norm = self.fused_rope and dtype == torch.bfloat16
+        # C++ elementwise ops (cpu_fused) on the "cpp" backend: rope + K/V write (bit-identical to the torch ops)
+        # always, the norms in bf16 only, where the fp32 sum of squares' order does not show (fp32 stays the
+        # reference)
+        self.fused_norm = self.backend == "cpp" and dtype == torch.bfloat16
         self._pack_weights()
         # "cpp" decode steps: KV blocks read per layer and KV head (K and V each), and reads saved by reading
         # shared prefix blocks once (bench/stages/rollout.py turns them into bytes per step)
@@ -118,7 +118,8 @@ class ModelRunner:
         """input_ids, positions [T] -> fp32 logits [len(logits_index), vocab] at rows logits_index of the batch."""
         w, s = self.weights, self.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        if not self.fused_rope:
+        cpp = self.backend == "cpp"
+        if not cpp:
             cos, sin = w.cos[positions], w.sin[positions]
         x = w.embed[input_ids]
         delta = None  # the last sublayer's output, added to x by the next norm
@@ -127,10 +128,10 @@ class ModelRunner:
             pk = self.packed[i] if self.packed is not None else dict.fromkeys(PACKED)
             h = self._norm(x, delta, layer["input_norm"])
             qkv = self._linear(h, layer["wqkv"], layer["bqkv"], pk["wqkv"])
-            if self.fused_rope:  # rope, the K/V write and q's copy in one call
+            if cpp:  # rope, the K/V write and q's copy in one call
                 q = cpu_fused.rope_write_kv(qkv, positions, w.cos, w.sin, meta.slot_mapping, k_cache, v_cache,
                                             s.num_heads)
-                o = attend_written(self.backend, q, k_cache, v_cache, meta)
+                o = attend_cpp(q, k_cache, v_cache, meta)
             else:
                 # q and k rotated in one pass (half the per-layer op launches of two calls; the same math)
                 qk = apply_rope(qkv[:, :q_size + kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim),
@@ -143,7 +144,7 @@ class ModelRunner:
             gate, up = self._linear(h, layer["w_gate_up"], layer["b_gate_up"], pk["w_gate_up"]).chunk(2, dim=-1)
             delta = self._linear(F.silu(gate) * up, layer["w_down"], layer["b_down"], pk["w_down"])
         x = x + delta
-        if self.backend == "cpp" and not meta.is_prefill:
+        if cpp and not meta.is_prefill:
             self.decode_steps += 1
             self.decode_kv_blocks_read += meta.cpu_plan.blocks_read
             private = sum(-(-c // self.kv.block_size) for c in meta.context_lens_list)
