@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STAGES = ("policy_loss", "linear_logprobs", "rollout", "train_step")
-DEVICE_CALL_SECONDS = 8 * 60  # what the parts may take together inside one 15-minute device lease
+DEVICE_CALL_SECONDS = 9 * 60  # what the parts may take together inside one 15-minute device lease
 
 
 def _plan(*args: str, out: str = "gpu_check_out") -> dict[str, tuple[int, str]]:

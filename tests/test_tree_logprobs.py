@@ -12,7 +12,7 @@ from tree_helpers import random_tree_sequences
 from rexrag_fast.engine.loaders import tiny_model
 from rexrag_fast.ops.policy_loss import fused_policy_loss
 from rexrag_fast.ops.tree_logprobs import tree_attention_mask, tree_logprobs
-from rexrag_fast.testing import assert_close
+from rexrag_fast.testing import TensorMemoryTracker, assert_close
 from rexrag_fast.train.actor import PolicyLogprobs, forward_inputs
 from rexrag_fast.train.packing import build_token_tree, pack_sequences, pack_tree
 
@@ -58,6 +58,28 @@ def test_tree_logprobs_equal_flat(attn: str, fused: bool, seed: int) -> None:
     assert_close(lp_tree, lp_flat, torch.float32, atol=1e-5, rtol=1e-5, name="logprobs")
     assert_close(ent_tree, ent_flat, torch.float32, atol=1e-5, rtol=1e-5, name="entropy")
     assert torch.equal(lp_tree[flat.cu_seqlens[:-1].long()], torch.zeros(flat.num_sequences))
+
+
+def test_sdpa_gets_one_additive_mask_for_all_layers() -> None:
+    """A bool mask would be turned into an additive fp32 copy by sdpa in every layer and kept for the
+    backward; the additive mask `auto` builds is one tensor for all layers: same log-probs, and the peak of a
+    forward + backward lower by at least (layers - 1) such copies (TensorMemoryTracker counts bytes exactly)."""
+    layers = 4
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=3, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers,
+                       max_position_embeddings=512, attn_implementation="sdpa")
+    tree = build_token_tree([s + [i % VOCAB] * 40 for i, s in enumerate(_sequences(0))])
+    n = tree.num_nodes
+    args = (model, tree.input_ids, tree.position_ids, tree.parent, tree.subtree_end)
+    peak, logprobs = {}, {}
+    for mask in ("auto", "bool"):
+        model.zero_grad()
+        with TensorMemoryTracker() as tracker:
+            logprobs[mask] = tree_logprobs(*args, mask=mask)
+            logprobs[mask].sum().backward()
+        peak[mask] = tracker.peak_bytes
+    assert_close(logprobs["auto"], logprobs["bool"], torch.float32, atol=1e-6, rtol=1e-6, name="logprobs")
+    assert peak["bool"] - peak["auto"] >= (layers - 1) * n * n * 4, (n, peak)
 
 
 def test_shared_node_gives_each_child_its_own_logprob() -> None:

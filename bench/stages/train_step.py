@@ -28,11 +28,13 @@ carries its roofline: the FLOPs of the learning part counted as 2 N per token fo
 reference log-probs, recomputation under checkpointing) and 4 N for each backward, N = parameters.
 
 Tree packing rows (`_measure_tree`): the same learning part with actor.tree_packing on vs off (fused kernels
-both), in the same run, on two batches per model: "GRPO groups" = a real rollout of n_agent = 4 trajectories
-per question (shared prompts only), and "REX-RAG probes" = per question one right and three wrong answered
-originals (an untrained model never answers; as tests/dist_scripts/trainer_rexrag_step.py) whose dead ends
-the REX-RAG stage forks into probes on the engine (each probe repeats its source up to the cut answer). Each
-row names the batch's sharing = 1 - tokens the update's forwards ran over / the flat tokens.
+both), in the same run, by one trainer that switches the setting between its learn() calls (so the timed
+calls start from slightly different weights), on up to two batches per model: "GRPO groups" = a real rollout
+of n_agent = 4 trajectories per question (shared prompts only; the embedded-world models, not in --quick),
+and "REX-RAG probes" = per question one right and three wrong answered originals (an untrained model never
+answers; as tests/dist_scripts/trainer_rexrag_step.py) whose dead ends the REX-RAG stage forks into probes on
+the engine (each probe repeats its source up to the cut answer). Each row names the batch's sharing = 1 -
+tokens the update's forwards ran over / the flat tokens. On a GPU, tree packs run through FlexAttention.
 """
 
 from __future__ import annotations
@@ -101,8 +103,7 @@ def run(preset: str, progress: Progress) -> list[Row]:
         for overrides in PRESETS[preset][:1] if quick() else PRESETS[preset]:
             arch = SHAPED_MODELS.get(preset)
             rows += _measure(COMMON + overrides, arch, progress)
-            if arch is None and not quick():  # tree vs flat packs: the embedded-world models
-                rows += _measure_tree(overrides + COMMON + TREE, progress)
+            rows += _measure_tree(COMMON + overrides + TREE, arch, progress)
     finally:
         du.destroy_process_group()
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -128,21 +129,29 @@ def _learn_flops(n_params: int, tokens: float, cfg) -> float:
     return n_params * tokens * (2 * forwards + per_epoch * cfg.actor.ppo_epochs)
 
 
-def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> list[Row]:
-    """Rows for one model: a rolled-out batch learned by the fused and by the eager path."""
+def _load(overrides: list[str], arch: dict | None, output_dir: str, progress: Progress):
+    """(config, model, tokenizer, the rows' model name) of one preset entry: the policy of model.path, or a
+    model of the architecture `arch` with random weights (its tokenizer still from model.path)."""
     from rexrag_fast.train.config import load_config
-    from rexrag_fast.train.metrics import StepMetrics
     from rexrag_fast.train.models import load_policy
-    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_train_examples
 
     base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
-                       overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step"])
+                       overrides + [f"trainer.output_dir={output_dir}"])
     model, tokenizer = load_policy(base)
     model_name = {"tiny-qwen2": "tiny-qwen2, 49k vocab"}.get(base.model.path, base.model.path)
     if arch is not None:
         model = shaped_model(arch, base.trainer.seed)
         model_name = f"Qwen2.5-3B-shaped, random, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B"
         progress(f"built {model_name}")
+    return base, model, tokenizer, model_name
+
+
+def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> list[Row]:
+    """Rows for one model: a rolled-out batch learned by the fused and by the eager path."""
+    from rexrag_fast.train.metrics import StepMetrics
+    from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_train_examples
+
+    base, model, tokenizer, model_name = _load(overrides, arch, "/tmp/rexrag_bench_train_step", progress)
     n_params = sum(p.numel() for p in model.parameters())
     retriever = build_trainer_retriever(base)
     examples = load_train_examples(base)
@@ -165,26 +174,7 @@ def _measure(overrides: list[str], arch: dict | None, progress: Progress) -> lis
             tokens = sum(len(t) for t in batch.trajs)
             progress(f"rollout: {len(batch.trajs)} trajectories ({probes_made} probes), "
                      f"{tokens} tokens in {rollout_s:.1f}s")
-        # Untimed first call: warms DeepSpeed up and measures peak memory.
-        state = copy.deepcopy(trainer.state)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            trainer.learn(_clone_batch(batch), rollout_m)
-            peak[path] = torch.cuda.max_memory_allocated() - before
-        else:
-            with TensorMemoryTracker() as tracker:
-                trainer.learn(_clone_batch(batch), rollout_m)
-            peak[path] = tracker.peak_bytes
-        trainer.state = state  # the timed call repeats the same step
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        metrics[path] = trainer.learn(_clone_batch(batch), rollout_m)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds[path] = time.perf_counter() - t0
+        peak[path], seconds[path], metrics[path] = _learn_twice(trainer, batch, cuda)
         progress(f"{path}: learn {seconds[path]:.2f}s, peak {peak[path] / 2**20:.1f} MiB")
         del trainer
         gc.collect()
@@ -269,45 +259,42 @@ def _learn_twice(trainer, batch, cuda: bool):
     return peak, time.perf_counter() - t0, metrics
 
 
-def _measure_tree(overrides: list[str], progress: Progress) -> list[Row]:
-    """Rows for one model: the learning part with tree packs vs flat packs on a GRPO and a REX-RAG batch."""
-    from rexrag_fast.train.config import load_config
+def _measure_tree(overrides: list[str], arch: dict | None, progress: Progress) -> list[Row]:
+    """Rows for one model: the learning part with tree packs vs flat packs, one trainer switching
+    actor.tree_packing between its learn() calls (one model and optimizer state in memory: a 3B model fits
+    once on the GPU, not twice). The embedded-world models learn a GRPO and a REX-RAG batch; the shaped 3B
+    model (and --quick) only the REX-RAG batch, which holds both kinds of sharing (prompts and probes)."""
     from rexrag_fast.train.metrics import StepMetrics
-    from rexrag_fast.train.models import load_policy
     from rexrag_fast.train.trainer import RLTrainer, build_trainer_retriever, load_train_examples
 
-    base = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.yaml"),
-                       overrides + ["trainer.output_dir=/tmp/rexrag_bench_train_step_tree"])
-    model, tokenizer = load_policy(base)
-    retriever = build_trainer_retriever(base)
-    examples = load_train_examples(base)
+    base, model, tokenizer, model_name = _load(overrides + ["actor.tree_packing=on"],
+                                               arch, "/tmp/rexrag_bench_train_step_tree", progress)
     cuda = torch.cuda.is_available()
-    trainers = {}
-    for path in ("tree", "flat"):
-        cfg = copy.deepcopy(base)
-        cfg.actor.tree_packing = "on" if path == "tree" else "off"
-        trainers[path] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
-                                   examples=examples)
-    batches = {"GRPO groups": trainers["tree"].rollouts.run(1, 0, StepMetrics()),
-               "REX-RAG probes": _answered_batch(trainers["tree"], 1)}
-    model_name = {"tiny-qwen2": "tiny-qwen2, 49k vocab"}.get(base.model.path, base.model.path)
+    # Built with tree packing on: on CUDA that switches the model to FlexAttention for tree packs, while flat
+    # packs keep sdpa (ops.tree_logprobs.TREE_ATTENTION), so both paths run on the one trainer.
+    trainer = RLTrainer(base, model=model, tokenizer=tokenizer, retriever=build_trainer_retriever(base),
+                        examples=load_train_examples(base))
+    del model
+    batches = {"REX-RAG probes": _answered_batch(trainer, 1)}
+    if arch is None and not quick():
+        batches = {"GRPO groups": trainer.rollouts.run(1, 0, StepMetrics()), **batches}
     rows = []
     for kind, batch in batches.items():
         peak, seconds, metrics = {}, {}, {}
-        for path, trainer in trainers.items():
+        for path in ("tree", "flat"):
+            trainer.cfg.actor.tree_packing = "on" if path == "tree" else "off"
             peak[path], seconds[path], metrics[path] = _learn_twice(trainer, batch, cuda)
         train_tokens = metrics["flat"]["batch/train_tokens"]
         processed = {p: metrics[p]["actor/update_processed_tokens"] for p in metrics}
         sharing = 1 - processed["tree"] / processed["flat"]
         probes = sum(batch.is_probe)
-        progress(f"{base.model.path}, {kind}: sharing {sharing:.0%}, learn tree {seconds['tree']:.2f}s vs flat "
+        progress(f"{model_name}, {kind}: sharing {sharing:.0%}, learn tree {seconds['tree']:.2f}s vs flat "
                  f"{seconds['flat']:.2f}s")
         config = (f"{base.model.path}, {len(batch.trajs)} traj ({probes} probes), {int(train_tokens)} train tokens, "
                   f"sharing {sharing:.1%}, budget {base.actor.max_tokens_per_micro_batch}, "
                   f"{'cuda' if cuda else 'cpu'} 1 rank ZeRO-{base.deepspeed.zero_stage}")
         learn = {p: train_tokens / seconds[p] for p in seconds}
-        extra = {"sharing": sharing, "learn_s_tree": seconds["tree"], "learn_s_flat": seconds["flat"],
-                 "loss_tree": metrics["tree"]["actor/loss"], "loss_flat": metrics["flat"]["actor/loss"]}
+        extra = {"sharing": sharing, "learn_s_tree": seconds["tree"], "learn_s_flat": seconds["flat"]}
         label = f"{model_name}, {kind}, sharing {sharing:.0%}"
         rows += [
             Row("train_step", f"learn, tree packs ({label})", learn["tree"], "train tokens/s", learn["flat"],
@@ -317,4 +304,8 @@ def _measure_tree(overrides: list[str], progress: Progress) -> list[Row]:
             Row("train_step", f"peak memory of learn, tree packs ({label})", peak["tree"] / 2**20, "MiB",
                 peak["flat"] / 2**20, "flat packs", config),
         ]
+    del trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
