@@ -6,9 +6,9 @@ import pytest
 import torch
 from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
-from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
+from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams, cpu_fused
 from rexrag_fast.engine.loaders import load_smollm2_tokenizer, tiny_model
-from rexrag_fast.engine.sampling import sample, truncate_probs
+from rexrag_fast.engine.sampling import invert_cdf, sample, truncate_probs
 from rexrag_fast.engine.stop import StopChecker
 
 
@@ -69,6 +69,52 @@ def test_truncate_probs():
     # nucleus 0.8: 0.4 + 0.3 = 0.7 < 0.8, so 0.15 joins; 0.85 >= 0.8 stops there
     assert truncate_probs(probs, -1, 0.8).tolist() == pytest.approx([0, 0.4, 0, 0.3, 0.15])
     assert truncate_probs(probs, 3, 0.5).tolist() == pytest.approx([0, 0.4, 0, 0.3, 0])
+
+
+def test_truncate_probs_takes_one_setting_per_row():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(5, 40) * 2, -1)
+    ks, ps = [3, -1, 1, 40, 7], [1.0, 0.6, 0.9, 0.95, 0.3]
+    batched = truncate_probs(probs, torch.tensor(ks), torch.tensor(ps))
+    for row, k, p in zip(range(5), ks, ps):
+        assert torch.equal(batched[row], truncate_probs(probs[row], k, p))
+        kept = batched[row] > 0
+        order = torch.argsort(probs[row], descending=True)
+        n_kept = int(kept.sum())
+        assert kept[order[:n_kept]].all()  # the kept tokens are the most probable ones
+        if k != -1:
+            assert n_kept <= k
+        assert probs[row][order[:n_kept - 1]].sum() < p or p == 1.0  # nothing kept past the nucleus
+    assert torch.equal(truncate_probs(probs, -1, 1.0), probs)
+
+
+@pytest.mark.skipif(not cpu_fused.available(), reason="the C++ sampler is not built")
+@pytest.mark.parametrize("vocab", [7, 64, 1000])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_torch_and_cpp_samplers_invert_the_same_cdf(vocab, temperature):
+    """The batched torch sampler (GPU, top-k / top-p rows) and the C++ one draw the same token for the same
+    uniform, except where rounding puts u x mass within 1e-5 of a CDF step."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(32, vocab) * 3
+    uniforms = torch.rand(32)
+    cpp_tokens, cpp_logprobs = cpu_fused.sample_rows(logits, [temperature] * 32, uniforms.tolist())
+    probs = torch.softmax(logits / temperature, -1)
+    tokens = invert_cdf(probs, uniforms)
+    cdf = torch.cumsum(probs.double(), -1)
+    for row in range(32):
+        if tokens[row] != cpp_tokens[row]:
+            assert (cdf[row] - uniforms[row].double()).abs().min() < 1e-5, row
+    logprobs = torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(cpp_tokens)[:, None])[:, 0]
+    assert cpp_logprobs == pytest.approx(logprobs.tolist(), abs=1e-5)
+
+
+def test_invert_cdf_edges():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.2, 0.0, 0.8, 0.0]])
+    assert invert_cdf(probs, torch.tensor([0.0, 0.0])).tolist() == [1, 0]  # zero-mass tokens never drawn
+    assert invert_cdf(probs, torch.tensor([0.5, 0.25])).tolist() == [3, 2]
+    assert invert_cdf(probs * 3, torch.tensor([0.5, 0.25])).tolist() == [3, 2]  # unnormalised is fine
+    # u x total at the last partial sum (rounding): the most probable token, as in the C++ sampler
+    assert invert_cdf(probs, torch.tensor([1.0, 1.0])).tolist() == [1, 2]
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.5, -1, 1.0), (1.0, 3, 1.0), (1.0, -1, 0.7)])

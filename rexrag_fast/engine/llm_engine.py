@@ -200,7 +200,7 @@ class LLMEngine:
             return None
         # unseeded requests draw their seed from torch's global RNG, so torch.manual_seed reproduces them
         seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator().manual_seed(seed)  # on the host: the sampler draws one uniform per row there
 
     def _decode(self, token_ids: list[int]) -> str | None:
         if self.tokenizer is None:
