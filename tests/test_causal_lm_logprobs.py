@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rexrag_fast.ops.causal_lm import causal_lm_logprobs
-from rexrag_fast.testing import assert_close
+from rexrag_fast.testing import TensorMemoryTracker, assert_close
 
 LENGTHS = [5, 1, 9, 3]  # includes a one-token sequence (no next token at all)
 
@@ -59,6 +59,42 @@ def test_packed_equals_each_sequence_alone(seed, attn, backend, temperature):
     assert_close(ent, ref_ent, torch.float32, atol=1e-5, rtol=1e-4, name="entropy")
     last = cu[1:].long() - 1
     assert torch.equal(lp[last], torch.zeros(len(LENGTHS)))
+
+
+def test_sdpa_pack_gets_one_additive_mask_for_all_layers():
+    """transformers would hand sdpa a bool mask for a packed batch, which sdpa turns into an fp32 copy per
+    layer kept for the backward; ours is one additive mask: same log-probs, and with 6 layers a peak lower by
+    at least 3 such copies (TensorMemoryTracker counts bytes exactly; ~5 minus our own mask and timing)."""
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa"))
+    seqs, ids, cu = _packed([300, 200, 250, 1], 97)
+    n = ids.numel()
+    peak, logprobs = {}, {}
+    for ours in (True, False):
+        model.zero_grad()
+        with TensorMemoryTracker() as tracker:
+            if ours:
+                lp = causal_lm_logprobs(model, ids, cu_seqlens=cu)
+            else:  # transformers' own mask from the position ids
+                hidden = model.model(input_ids=ids[None], position_ids=_positions(cu)[None],
+                                     use_cache=False).last_hidden_state[0]
+                lp = torch.log_softmax(model.lm_head(hidden).float(), -1)[:-1].gather(1, ids[1:, None])[:, 0]
+                lp = torch.cat([lp, lp[:1] * 0]).masked_fill(_last_tokens(cu, n), 0.0)
+            lp.sum().backward()
+        peak[ours], logprobs[ours] = tracker.peak_bytes, lp.detach()
+    assert_close(logprobs[True], logprobs[False], torch.float32, atol=1e-5, rtol=1e-5, name="logprobs")
+    assert peak[False] - peak[True] >= 3 * n * n * 4, (n, peak)
+
+
+def _positions(cu):
+    return torch.cat([torch.arange(int(b - a)) for a, b in zip(cu[:-1], cu[1:])])
+
+
+def _last_tokens(cu, n):
+    last = torch.zeros(n, dtype=torch.bool)
+    last[cu[1:].long() - 1] = True
+    return last
 
 
 def test_gradients_match_separate_sequences(seed):

@@ -10,8 +10,9 @@ import torch
 from tree_helpers import random_tree_sequences
 
 from rexrag_fast.engine.loaders import tiny_model
+from rexrag_fast.ops.attention_masks import tree_attention_mask
 from rexrag_fast.ops.policy_loss import fused_policy_loss
-from rexrag_fast.ops.tree_logprobs import tree_attention_mask, tree_logprobs
+from rexrag_fast.ops.tree_logprobs import tree_logprobs
 from rexrag_fast.testing import TensorMemoryTracker, assert_close
 from rexrag_fast.train.actor import PolicyLogprobs, forward_inputs
 from rexrag_fast.train.packing import build_token_tree, pack_sequences, pack_tree

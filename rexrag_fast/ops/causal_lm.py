@@ -6,7 +6,8 @@ tokens, and the lm head is applied by the fused op, so no [T, V] logits are ever
 Packing: sequences are concatenated into one row of T tokens; `position_ids` restart at 0 for every
 sequence. transformers (>= 4.53, 5.x) turns such position ids into a block-diagonal causal mask for the
 eager, sdpa and flex attention paths (and varlen kernels for flash-attention), so tokens never attend
-across a sequence boundary.
+across a sequence boundary; for sdpa the mask comes from here instead, additive and shared by all layers
+(ops/attention_masks.py: a bool one costs an fp32 copy per layer).
 
 Label convention (verl's rolled input ids): out[t] = log p(input_ids[t + 1] | input_ids[s .. t]) for a
 token t of the sequence starting at s; the last token of each sequence has no next token, so its logprob
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from rexrag_fast.ops._checks import check_tensor
+from rexrag_fast.ops.attention_masks import DENSE_MASK_ATTENTION, packed_sequence_mask
 from rexrag_fast.ops.linear_logprobs import linear_logprobs, linear_logprobs_reference
 
 IGNORE_INDEX = -100
@@ -90,7 +92,12 @@ def causal_lm_logprobs(
                      device=input_ids.device)
         position_ids = position_ids.long()
     backbone, head = split_causal_lm(model)
-    out = backbone(input_ids=input_ids[None].long(), position_ids=position_ids[None], use_cache=False)
+    mask = None  # one sequence: transformers' causal path, no mask at all
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl in DENSE_MASK_ATTENTION and bool((position_ids[1:] != position_ids[:-1] + 1).any()):
+        mask = packed_sequence_mask(position_ids, head.weight.dtype)
+    out = backbone(input_ids=input_ids[None].long(), position_ids=position_ids[None], attention_mask=mask,
+                   use_cache=False)
     labels = _labels_from_positions(input_ids.long(), position_ids, IGNORE_INDEX)
     return head_logprobs(out.last_hidden_state[0], head, labels, temperature=temperature,
                          return_entropy=return_entropy, backend=backend, fused=fused)

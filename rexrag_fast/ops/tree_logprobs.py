@@ -9,13 +9,11 @@ Running the model's own layers over the N nodes with
 gives every node exactly the hidden state it has in each flat sequence through it (same tokens before it, same
 positions, same causal mask), so only attention and positions change. transformers (>= 4.53, 5.x) passes a
 4-D mask through untouched (`masking_utils._preprocess_mask_arguments`): an additive [1, 1, N, N] mask in the
-model's dtype for sdpa and eager, and a FlexAttention BlockMask (O(N) memory, block-sparse) when the model
-runs attn_implementation="flex_attention" or TREE_ATTENTION. sdpa gets the additive mask, not a bool one,
-because torch's sdpa turns a bool mask into an additive copy in every layer and keeps each copy for the
-backward: one additive mask shared by all layers saves (layers - 1) x N^2 x 4 bytes in fp32 (measured, 6
-layers at N = 2048: 222 -> 142 MiB peak). The dense mask still holds N^2 entries: fine for CPU-sized packs.
-TREE_ATTENTION (`enable_flex_tree_attention`, what the actor uses on CUDA) is sdpa for everything a BlockMask
-is not, so flat packs run exactly as under sdpa and tree packs get FlexAttention.
+model's dtype for sdpa and eager (ops/attention_masks.py says why additive), and a FlexAttention BlockMask
+(O(N) memory, block-sparse) when the model runs attn_implementation="flex_attention" or TREE_ATTENTION. The
+dense mask holds N^2 entries: fine for CPU-sized packs. TREE_ATTENTION (`enable_flex_tree_attention`, what
+the actor uses on CUDA) is sdpa for everything a BlockMask is not, so flat packs run exactly as under sdpa
+and tree packs get FlexAttention.
 
 The next-token convention follows the tree: a node's log-prob is that of its token given its parent's hidden
 state, log p(x_i | ancestors of i) = linear_logprobs(h[parent(i)], x_i). A shared node with several children
@@ -30,10 +28,10 @@ from typing import Any
 import torch
 
 from rexrag_fast.ops._checks import check_tensor
+from rexrag_fast.ops.attention_masks import TREE_ATTENTION, additive_mask, tree_attention_mask
 from rexrag_fast.ops.causal_lm import head_logprobs, split_causal_lm
 
 MASK_KINDS = ("auto", "additive", "bool", "flex")
-TREE_ATTENTION = "rexrag_tree_flex"  # a transformers attention implementation: sdpa, or flex for a BlockMask
 
 
 def _sdpa_or_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -60,13 +58,6 @@ def enable_flex_tree_attention(model: torch.nn.Module) -> None:
     model.set_attn_implementation(TREE_ATTENTION)
 
 
-def tree_attention_mask(subtree_end: torch.Tensor) -> torch.Tensor:
-    """Ancestor-or-self mask of a preorder tree: mask[i, j] = j <= i < subtree_end[j]. [N] -> [N, N] bool."""
-    check_tensor("subtree_end", subtree_end, ndim=1, dtypes=(torch.int64, torch.int32))
-    node = torch.arange(subtree_end.numel(), device=subtree_end.device)
-    return (node[None, :] <= node[:, None]) & (node[:, None] < subtree_end[None, :])
-
-
 def tree_block_mask(subtree_end: torch.Tensor) -> Any:
     """The same mask as a FlexAttention BlockMask [1, 1, N, N] (blocks outside every ancestor range skipped)."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -90,11 +81,8 @@ def _model_mask(model: torch.nn.Module, subtree_end: torch.Tensor, kind: str, dt
                 "'sdpa', 'eager' or 'flex_attention' (or actor.tree_packing=off)")
     if kind == "flex":
         return tree_block_mask(subtree_end)
-    allowed = tree_attention_mask(subtree_end)[None, None]
-    if kind == "bool":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min)
+    allowed = tree_attention_mask(subtree_end)
+    return allowed[None, None] if kind == "bool" else additive_mask(allowed, dtype)
 
 
 def tree_logprobs(
