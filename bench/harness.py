@@ -18,10 +18,14 @@ from typing import Any
 
 from bench.roofline import Peaks, Roofline, device_peaks
 
-__all__ = ["PRESETS", "STAGES", "Peaks", "Progress", "Roofline", "Row", "Skip", "device_peaks", "environment",
-           "format_skips", "format_table", "quick", "skip", "stage", "time_fn"]
+__all__ = ["PRESETS", "QWEN25_3B", "STAGES", "Peaks", "Progress", "Roofline", "Row", "Skip", "device_peaks",
+           "environment", "format_skips", "format_table", "quick", "skip", "stage", "time_fn"]
 
 PRESETS = ("tiny", "qwen2.5-3b")
+# Qwen2.5-3B's architecture (its config.json on the Hugging Face hub): the qwen2.5-3b preset's model shape.
+QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
 # Set by `throughput.py --quick` (the CPU rehearsal of scripts/gpu_check.sh): stages that honour it measure
 # only their smallest case, so that every code path runs in seconds; its figures are not for reports.
 QUICK = False

@@ -127,7 +127,8 @@ def test_merge_of_a_missing_file_fails(tmp_path: Path) -> None:
 
 
 def test_train_step_gpu_preset_builds_the_qwen25_3b_shape() -> None:
-    from bench.stages.train_step import QWEN25_3B, shaped_model
+    from bench.harness import QWEN25_3B
+    from bench.stages.train_step import shaped_model
 
     model = shaped_model(QWEN25_3B, seed=0, device="meta")  # shapes only, no memory
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 3.09  # Qwen2.5-3B: 3.09B

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import Progress, Row, stage
+from bench.harness import QWEN25_3B, Progress, Row, stage
 from rexrag_fast.agent.loop import AgentConfig, run_agent_loop
 from rexrag_fast.agent.reward import exact_match
 from rexrag_fast.agent.template import encode_prompt
@@ -62,8 +62,6 @@ from rexrag_fast.engine import EngineConfig, LLMEngine, Request, SamplingParams
 from rexrag_fast.engine.loaders import load_smollm2, load_smollm2_tokenizer, tiny_model
 from rexrag_fast.train.world_model import load_world_small
 
-QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True)
 SIZES = {
     # (a) prompts, prompt length range, new tokens; (b) trajectories, prefix length, probe new tokens
     "tiny": dict(gen_prompts=16, gen_len=(32, 96), gen_new=48, probes=16, prefix=960, probe_new=16,
@@ -478,7 +476,7 @@ def run(preset: str, progress: Progress) -> list[Row]:
     try:
         if cuda:
             with torch.device("cuda"):
-                model = tiny_model("qwen2", vocab_size=s["vocab"], seed=0, **QWEN25_3B).to(torch.bfloat16)
+                model = tiny_model("qwen2", seed=0, **{**QWEN25_3B, "vocab_size": s["vocab"]}).to(torch.bfloat16)
             name, dtype = "qwen2.5-3b random", "bf16"
         else:
             model = tiny_model("qwen2", vocab_size=s["vocab"], seed=0)
@@ -498,7 +496,8 @@ def run(preset: str, progress: Progress) -> list[Row]:
             progress("probe (REX-RAG): loading the SmolLM2 tokenizer")
             tokenizer = load_smollm2_tokenizer()
             with torch.device("cuda"):
-                agent_model = tiny_model("qwen2", vocab_size=len(tokenizer), seed=0, **QWEN25_3B).to(torch.bfloat16)
+                agent_model = tiny_model("qwen2", seed=0, **{**QWEN25_3B, "vocab_size": len(tokenizer)})
+                agent_model = agent_model.to(torch.bfloat16)
             agent_name = f"{name} with SmolLM2's vocabulary"
         else:
             progress("probe (REX-RAG): the demo's model (world-small) and world tokenizer")

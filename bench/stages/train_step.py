@@ -46,13 +46,8 @@ import time
 
 import torch
 
-from bench.harness import Progress, Roofline, Row, device_peaks, quick, stage
+from bench.harness import QWEN25_3B, Progress, Roofline, Row, device_peaks, quick, stage
 from rexrag_fast.testing import TensorMemoryTracker
-
-# Qwen2.5-3B's architecture (its config.json on the Hugging Face hub).
-QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                 rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
 
 TINY = ["data.train_batch_size=2", "actor.ppo_mini_batch_size=2", "rollout.n_agent=2", "rollout.max_turns=1",
         "data.max_prompt_length=512", "data.max_start_length=320", "data.max_response_length=16",
