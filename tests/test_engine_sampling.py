@@ -29,8 +29,7 @@ def prompt(tokenizer, text: str = "Question: who wrote the book? <search>") -> l
 
 @pytest.mark.parametrize("top_p,others_top_p", [(0.95, 1.0), (1.0, 0.9)])
 def test_same_seed_same_tokens_whatever_the_batch(engine, tokenizer, top_p, others_top_p):
-    """Also across the two samplers: a plain-temperature row (the C++ one on CPU) batched with top-p rows
-    (torch's), and the other way round."""
+    """Also a plain-temperature row batched with top-p rows, and the other way round."""
     p = prompt(tokenizer)
     sp = SamplingParams(temperature=1.0, top_p=top_p, max_tokens=16, stop=(), seed=123)
     alone = engine.generate([Request(p, sp)])[0]
@@ -133,6 +132,34 @@ def test_sample_frequencies_follow_the_distribution(temperature, top_k, top_p):
     # 4000 draws: binomial std <= 0.008; 0.03 is > 3.5 std
     assert torch.allclose(counts / n, expected, atol=0.03)
     assert lp[0] == pytest.approx(torch.log_softmax(logits[0] / temperature, -1)[tok[0]].item(), abs=1e-6)
+
+
+MIXED_ROWS = [dict(temperature=0.0), dict(temperature=0.8), dict(temperature=1.0, top_k=20),
+              dict(temperature=1.2, top_p=0.9), dict(temperature=0.7, top_k=50, top_p=0.8)]
+
+
+def test_rows_of_a_mixed_batch_sample_as_they_do_alone():
+    """Greedy, plain temperature, top-k, top-p and both in one batch: each row's token and logprob are those it
+    gets alone with the same generator, step after step; a truncated row draws only tokens truncate_probs
+    keeps; the same seeds repeat the tokens, other seeds do not."""
+    logits = 3 * torch.randn(len(MIXED_ROWS), 3001, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(stop=(), **kw) for kw in MIXED_ROWS]
+    seeded = lambda base: [torch.Generator().manual_seed(base + i) for i in range(len(params))]
+    batch_gens, alone_gens, again_gens, other_gens = seeded(100), seeded(100), seeded(100), seeded(200)
+    runs = {"batch": [], "again": [], "other": []}
+    for _ in range(6):
+        tokens, logprobs = sample(logits, params, batch_gens)
+        for i, p in enumerate(params):
+            assert sample(logits[i:i + 1], [p], [alone_gens[i]]) == ([tokens[i]], [logprobs[i]])
+            if not p.greedy:
+                assert truncate_probs(torch.softmax(logits[i] / p.temperature, -1), p.top_k, p.top_p)[tokens[i]] > 0
+        assert tokens[0] == int(torch.argmax(logits[0]))
+        runs["batch"].append(tokens)
+        runs["again"].append(sample(logits, params, again_gens)[0])
+        runs["other"].append(sample(logits, params, other_gens)[0])
+    assert runs["again"] == runs["batch"]
+    for i in range(1, len(params)):  # every sampled row: another seed, other tokens
+        assert [t[i] for t in runs["other"]] != [t[i] for t in runs["batch"]]
 
 
 def test_stop_checker_stops_on_the_completing_token(tokenizer):

@@ -9,6 +9,18 @@ import torch
 ATTENTION_BACKENDS = ("auto", "cpp", "flash_attn", "triton", "torch")
 
 
+def check_top_k(top_k: object, name: str) -> None:
+    """Raises ValueError, naming `name`, unless top_k is -1 (off) or a positive int."""
+    if not isinstance(top_k, int) or (top_k < 1 and top_k != -1):
+        raise ValueError(f"{name}: expected -1 (off) or a positive int, got {top_k!r}")
+
+
+def check_top_p(top_p: float, name: str) -> None:
+    """Raises ValueError, naming `name`, unless top_p is in (0, 1] (1 = off; NaN is refused)."""
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"{name}: expected a value in (0, 1], got {top_p!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Sizes of the paged KV pool and the batching limits.
@@ -107,10 +119,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0):
             raise ValueError(f"SamplingParams.temperature: expected >= 0 (0 = greedy), got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"SamplingParams.top_p: expected a value in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
-            raise ValueError(f"SamplingParams.top_k: expected -1 (off) or a positive int, got {self.top_k!r}")
+        check_top_p(self.top_p, "SamplingParams.top_p")
+        check_top_k(self.top_k, "SamplingParams.top_k")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens: expected a positive int, got {self.max_tokens!r}")
         if isinstance(self.stop, str):

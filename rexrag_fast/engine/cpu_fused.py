@@ -4,14 +4,17 @@ In a bf16 decode step of SmolLM2 at batch 16 the ~20 small torch ops per layer (
 the K/V write, copies) cost more than the attention once both were fast; two calls per layer replace them.
 Rounding is that of the torch composition they replace (bf16: each product and sum rounded where the torch
 op rounds), so rope_write_kv is bit-identical to it and add_rms_norm differs only in the order of its fp32
-sum of squares. sample_rows replaces log_softmax + argmax + torch.multinomial over the vocabulary (at 49k
-tokens ~0.2 ms a greedy row and ~1 ms a sampled one in torch on this CPU).
+sum of squares. sample_rows replaces log_softmax + argmax + top-k / top-p truncation + torch.multinomial
+over the vocabulary (at 49k tokens in torch on this CPU ~0.2 ms a greedy row, ~1 ms a sampled one, ~4 ms a
+top-p one); it places the top-k / top-p cut without sorting the vocabulary (a histogram of the
+probabilities, then a sort of the one bucket the cut falls in).
 """
 
 from __future__ import annotations
 
 import torch
 
+from rexrag_fast.engine.config import check_top_k, check_top_p
 from rexrag_fast.engine.cpu_attention import DTYPE_CODE, extension, extension_has
 
 
@@ -69,24 +72,41 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return out
 
 
-def sample_rows(logits: torch.Tensor, temperatures: list[float],
-                uniforms: list[float]) -> tuple[list[int], list[float]]:
-    """Greedy or temperature draws from logits [B, V] (fp32): (tokens [B], log-probs [B]).
+def sample_rows(logits: torch.Tensor, temperatures: list[float], uniforms: list[float],
+                top_ks: list[int] | None = None, top_ps: list[float] | None = None,
+                kept: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+    """Greedy or truncated temperature draws from logits [B, V] (fp32): (tokens [B], log-probs [B]).
 
-    Row i: temperatures[i] <= 0 takes the first argmax with logprob log_softmax(logits[i])[token]; otherwise
-    the token is where the CDF of softmax(logits[i] / T) first exceeds uniforms[i] (in [0, 1)), with logprob
-    log_softmax(logits[i] / T)[token]. A row without a finite maximum, or with a NaN, raises ValueError.
+    Row i: temperatures[i] <= 0 takes the first argmax with logprob log_softmax(logits[i])[token] (top-k /
+    top-p ignored). Otherwise p = softmax(logits[i] / T) is truncated as sampling.truncate_probs does with
+    top_ks[i] (-1 = off, the default) and top_ps[i] (1.0 = off, the default); ties at the top-p cut go to the
+    lower token index. The token is where the CDF of the kept terms, in vocabulary order, first exceeds
+    uniforms[i] (in [0, 1)) times their sum; its logprob is the untruncated log_softmax(logits[i] / T)[token].
+    kept [B, V] (fp32), when given, receives the kept p of the sampled rows (cut terms 0, not renormalised;
+    greedy rows are left as they were).
+    A row without a finite maximum, or with a NaN, raises ValueError.
     """
     rows, vocab = logits.shape
-    if len(temperatures) != rows or len(uniforms) != rows:
-        raise ValueError(f"sample_rows: {rows} rows, {len(temperatures)} temperatures, {len(uniforms)} uniforms")
-    _check("sample_rows", torch.float32, logits)
+    top_ks = [-1] * rows if top_ks is None else top_ks
+    top_ps = [1.0] * rows if top_ps is None else top_ps
+    if not len(temperatures) == len(uniforms) == len(top_ks) == len(top_ps) == rows:
+        raise ValueError(f"sample_rows: {rows} rows, {len(temperatures)} temperatures, {len(uniforms)} uniforms, "
+                         f"{len(top_ks)} top_ks, {len(top_ps)} top_ps")
+    for i, (k, p) in enumerate(zip(top_ks, top_ps)):
+        check_top_k(k, f"sample_rows: top_ks[{i}]")
+        check_top_p(p, f"sample_rows: top_ps[{i}]")
+    _check("sample_rows", torch.float32, logits, *(() if kept is None else (kept,)))
+    if kept is not None and kept.shape != logits.shape:
+        raise ValueError(f"sample_rows: kept {tuple(kept.shape)} is not logits' {tuple(logits.shape)}")
     temps = torch.tensor(temperatures, dtype=torch.float32)
     draws = torch.tensor(uniforms, dtype=torch.float32)
+    ks = torch.tensor(top_ks, dtype=torch.int64)
+    ps = torch.tensor(top_ps, dtype=torch.float32)
     tokens = torch.empty(rows, dtype=torch.int64)
     logprobs = torch.empty(rows, dtype=torch.float32)
-    extension().sample_rows(logits.data_ptr(), rows, vocab, temps.data_ptr(), draws.data_ptr(),
-                            tokens.data_ptr(), logprobs.data_ptr())
+    extension().sample_rows(logits.data_ptr(), rows, vocab, temps.data_ptr(), draws.data_ptr(), ks.data_ptr(),
+                            ps.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(),
+                            0 if kept is None else kept.data_ptr())
     bad = (tokens < 0).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"sample_rows: logits of rows {bad[:8]} hold a NaN or no finite value")

@@ -2,12 +2,15 @@
 
 logprob(token) = log_softmax(logits / T)[token] in fp32 with T = temperature (T = 1 when greedy), taken
 before top-k / top-p truncation: the behaviour policy that verl's actor recomputes as old_log_prob.
-Sampling: p = softmax(logits / T); keep the k largest (top_k); keep the smallest set of largest tokens whose
-mass reaches top_p; draw by inverting the kept mass's CDF (vocabulary order) at one uniform u in [0, 1)
-from the request's own CPU torch.Generator, so a seeded request draws the same tokens whatever else is in
-the batch, and both samplers draw the same token for the same u (up to rounding at a CDF step): on CPU the
-C++ one (cpu_fused.sample_rows) for greedy and plain-temperature rows, elsewhere (and for top-k / top-p
-rows) the batched torch one, whose host-drawn uniforms cost one copy per step instead of a kernel per row.
+Sampling: p = softmax(logits / T); keep the k largest (top_k, with the ties of the k-th); of those, keep the
+smallest set of largest tokens whose mass reaches top_p (truncate_probs); draw by inverting the kept mass's
+CDF, in vocabulary order, at one uniform u in [0, 1) from the request's own CPU torch.Generator
+(invert_cdf), so a seeded request draws the same tokens whatever else is in the batch, and both samplers
+draw the same token for the same u (up to rounding at a CDF step; not the token torch.multinomial would
+draw). On CPU every row goes through the C++ sampler (cpu_fused.sample_rows) when the extension is built;
+ties at its top-p cut go to the lower token index, where torch.sort leaves their order unspecified. The
+batched torch path (_sample_torch) is the reference and serves other devices: its host-drawn uniforms cost
+one copy per step instead of a kernel per row.
 """
 
 from __future__ import annotations
@@ -58,29 +61,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """logits [B, V] (fp32) -> (token ids [B], their log-probs [B]).
 
     Greedy rows take argmax(logits); the others draw from the truncated distribution with generators[i].
-    Each row takes the same path whatever else is in the batch: on CPU the C++ sampler for greedy and plain
-    temperature rows, torch for rows with top-k / top-p (and everything elsewhere).
+    Every row takes the same path whatever else is in the batch: the C++ sampler on CPU, torch elsewhere.
     """
-    cpp = logits.device.type == "cpu" and cpu_fused.available()
-    plain = [i for i, p in enumerate(params) if cpp and (p.greedy or (p.top_k == -1 and p.top_p >= 1.0))]
-    if len(plain) == len(params):
+    if logits.device.type == "cpu" and cpu_fused.available():
         return _sample_cpp(logits.contiguous(), params, generators)
-    if not plain:
-        return _sample_torch(logits, params, generators)
-    rest = sorted(set(range(len(params))) - set(plain))
-    tokens, logprobs = [0] * len(params), [0.0] * len(params)
-    for rows, draw in ((plain, _sample_cpp), (rest, _sample_torch)):
-        t, lp = draw(logits[rows], [params[i] for i in rows], [generators[i] for i in rows])
-        for i, tok, logprob in zip(rows, t, lp):
-            tokens[i], logprobs[i] = tok, logprob
-    return tokens, logprobs
+    return _sample_torch(logits, params, generators)
 
 
 def _sample_cpp(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
     temperatures = [0.0 if p.greedy else p.temperature for p in params]
     uniforms = [0.0 if p.greedy else float(torch.rand(1, generator=g)) for p, g in zip(params, generators)]
-    return cpu_fused.sample_rows(logits, temperatures, uniforms)
+    return cpu_fused.sample_rows(logits, temperatures, uniforms, [p.top_k for p in params],
+                                 [p.top_p for p in params])
 
 
 def _sample_torch(logits: torch.Tensor, params: list[SamplingParams],
