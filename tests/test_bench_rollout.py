@@ -62,17 +62,21 @@ def test_shared_prefix_row_counts_every_weight_once(tied):
     assert counted == sum(p.numel() for p in model.parameters())
 
 
-def test_shared_prefix_rows_without_vllm(tmp_path):
-    """Row (d) end to end on a tiny Llama: our worker subprocess, then transformers generate as the baseline."""
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefix_rows_without_vllm(tmp_path, temperature):
+    """Row (d) end to end on a tiny Llama: our worker subprocess serving its rounds, then transformers generate
+    as the baseline; greedy and sampled workloads."""
     from rexrag_fast.engine.loaders import tiny_model
 
     model = tiny_model("llama", vocab_size=300, seed=0)
     model.save_pretrained(tmp_path)
-    sizes = dict(label="2 prefixes", prompts=3, prefixes=2, prefix=32, tail=(3, 9), new=4, threads=1)
+    sizes = dict(label="2 prefixes", prompts=3, prefixes=2, prefix=32, tail=(3, 9), new=4, threads=1,
+                 temperature=temperature)
     rows = rollout._shared_prefix_rows(lambda msg: None, tmp_path, None, sizes)
     assert [r.name for r in rows] == ["SmolLM2-135M generate (2 prefixes), run1",
                                       "SmolLM2-135M generate (2 prefixes), run2"]
     assert "2 shared prefix(es) of 32 + 3-9 own tokens" in rows[0].config
+    assert ("greedy" if temperature == 0.0 else "temperature 1.0") in rows[0].config
     for r in rows:
         assert r.baseline.startswith("vLLM not configured") and r.value > 0 and r.baseline_value > 0
         assert r.extra["bytes_per_decode_step"] > 0 and r.extra["peak_rss_mb"] > 0
