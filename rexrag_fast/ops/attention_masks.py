@@ -36,12 +36,15 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
 
 
-def packed_sequence_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def packed_sequence_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """Block-diagonal causal mask of a flat pack whose positions restart at each sequence: [T] ->
-    [1, 1, T, T] additive (`additive_mask`). A sequence starts wherever a position is not the previous + 1."""
+    [1, 1, T, T] additive (`additive_mask`), or None when the pack holds one sequence (a plain causal pass
+    needs no mask). A sequence starts wherever a position is not the previous + 1."""
     n = position_ids.numel()
     starts = torch.ones(n, dtype=torch.bool, device=position_ids.device)
     starts[1:] = position_ids[1:] != position_ids[:-1] + 1
+    if not bool(starts[1:].any()):
+        return None
     seq = torch.cumsum(starts.long(), 0) - 1
     ends = torch.cumsum(torch.bincount(seq), 0)[seq]
     return additive_mask(tree_attention_mask(ends), dtype)

@@ -92,10 +92,8 @@ def causal_lm_logprobs(
                      device=input_ids.device)
         position_ids = position_ids.long()
     backbone, head = split_causal_lm(model)
-    mask = None  # one sequence: transformers' causal path, no mask at all
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if impl in DENSE_MASK_ATTENTION and bool((position_ids[1:] != position_ids[:-1] + 1).any()):
-        mask = packed_sequence_mask(position_ids, head.weight.dtype)
+    mask = packed_sequence_mask(position_ids, head.weight.dtype) if impl in DENSE_MASK_ATTENTION else None
     out = backbone(input_ids=input_ids[None].long(), position_ids=position_ids[None], attention_mask=mask,
                    use_cache=False)
     labels = _labels_from_positions(input_ids.long(), position_ids, IGNORE_INDEX)
