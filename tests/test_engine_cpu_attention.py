@@ -50,8 +50,25 @@ def decode_meta(tables: torch.Tensor, lens: torch.Tensor) -> AttentionMetadata:
                              context_lens=lens, context_lens_list=lens.tolist())
 
 
+def poison_unused_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor):
+    """NaN into every pool slot [blocks, block_size, ...] that no sequence's context covers (the rest of a
+    partly filled last block, free blocks): the kernel may load them but must not let them into the result."""
+    used = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    block_size = k_cache.shape[1]
+    for table, n in zip(tables.tolist(), lens.tolist()):
+        for pos in range(n):
+            used[table[pos // block_size], pos % block_size] = True
+    k_cache[~used] = float("nan")
+    v_cache[~used] = float("nan")
+
+
+# (16, 9, 3, 64) is SmolLM2's shape; the kernel reads K/V straight from the pool for items of up to 16 query
+# heads when block_size and head_dim are multiples of 16 and converts them to scratch otherwise: G = 8 sends
+# the 5-row shared prefix (40 query heads) to scratch, the other shapes cover block and head sizes it cannot
+# read straight
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim", [(16, 9, 3, 64), (4, 4, 4, 32), (32, 6, 2, 40)])
+@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim", [(16, 9, 3, 64), (4, 4, 4, 32), (32, 6, 2, 40),
+                                                                 (16, 16, 2, 64), (32, 8, 2, 32)])
 def test_decode_matches_torch(dtype, block_size, heads, kv_heads, head_dim):
     chains = [[3], [3], [3, 5], [3, 5], [3, 5], [], [1], [1]]
     tails = [1, 17, 5, block_size, 40, 23, 2, 9]
@@ -59,6 +76,7 @@ def test_decode_matches_torch(dtype, block_size, heads, kv_heads, head_dim):
     k_cache, v_cache = make_pool(80, block_size, kv_heads, head_dim, dtype, seed=1)
     q = torch.randn(len(tails), heads, head_dim).to(dtype)
     expected = _decode_torch(q.float(), k_cache.float(), v_cache.float(), decode_meta(tables, lens))
+    poison_unused_slots(k_cache, v_cache, tables, lens)
     for share in (True, False):
         plan = cpu_attention.decode_plan(tables, lens, block_size, share_prefixes=share)
         out = cpu_attention.paged_attention_cpu(plan, q, cpu_attention.k_by_dim(k_cache), v_cache)
@@ -119,6 +137,7 @@ def test_prefill_over_cached_context_matches_torch(dtype, block_size):
     meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=bt,
                              context_lens=lens, cu_seqlens_q=cu, query_lens_list=new_tokens, context_lens_list=ctx)
     expected = _prefill_torch(q.float(), k_new.float(), v_new.float(), k_cache.float(), v_cache.float(), meta)
+    poison_unused_slots(k_cache, v_cache, bt, lens)
     plan = cpu_attention.prefill_plan(bt, lens, cu, block_size)
     out = cpu_attention.paged_attention_cpu(plan, q, cpu_attention.k_by_dim(k_cache), v_cache)
     assert_close(out.float(), expected, atol=1e-5 if dtype == torch.float32 else 4e-3,
