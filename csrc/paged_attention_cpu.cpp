@@ -25,6 +25,13 @@ namespace attn_avx512 {
 #include "paged_attention_cpu_kernel.inc"
 }  // namespace attn_avx512
 REXRAG_AVX512_END
+REXRAG_AVX512_BF16_BEGIN
+#define REXRAG_BF16_DOT 1
+namespace attn_avx512_bf16 {
+#include "paged_attention_cpu_kernel.inc"
+}  // namespace attn_avx512_bf16
+#undef REXRAG_BF16_DOT
+REXRAG_AVX512_END
 #endif
 
 namespace {
@@ -212,7 +219,9 @@ AttnPlan make_prefill_plan(const int32_t* block_tables, int32_t batch, int32_t m
   return plan;
 }
 
-const char* attention_isa() { return cpu_has_avx512() ? "avx512" : "generic"; }
+const char* attention_isa() {
+  return cpu_has_avx512_bf16() ? "avx512_bf16" : cpu_has_avx512() ? "avx512" : "generic";
+}
 
 void run_attention_plan(const AttnPlan& plan, const AttnTensors& t) {
   if (t.heads < 1 || t.kv_heads < 1 || t.heads % t.kv_heads || t.head_dim < 1) {
@@ -247,6 +256,7 @@ void run_attention_plan(const AttnPlan& plan, const AttnTensors& t) {
   float* part_l = part_m + P * H;
   float* scratch = scratch_buf.data();
   const bool avx512 = cpu_has_avx512();
+  const bool avx512_bf16 = cpu_has_avx512_bf16();
   const int64_t work = static_cast<int64_t>(plan.items.size()) * t.kv_heads;
 
 #pragma omp parallel num_threads(threads)
@@ -261,6 +271,10 @@ void run_attention_plan(const AttnPlan& plan, const AttnTensors& t) {
       const AttnItem& it = plan.items[w / t.kv_heads];
       const int kvh = static_cast<int>(w % t.kv_heads);
 #ifdef REXRAG_HAVE_AVX512_BUILD
+      if (avx512_bf16) {
+        attn_avx512_bf16::run_item(plan, it, kvh, t, mine, part_acc, part_m, part_l);
+        continue;
+      }
       if (avx512) {
         attn_avx512::run_item(plan, it, kvh, t, mine, part_acc, part_m, part_l);
         continue;
