@@ -78,6 +78,7 @@ def test_bad_sampling_params(kwargs, match):
     (dict(block_size=-4), "block_size"),
     (dict(attention_backend="xformers"), "attention_backend"),
     (dict(dtype="bf16"), "dtype"),
+    (dict(cpu_keep_freed_memory="yes"), "cpu_keep_freed_memory"),
 ])
 def test_bad_engine_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -42,6 +42,9 @@ class EngineConfig:
         default) = on when the engine runs on CUDA. One KV block is then reserved as the padding rows'
         scratch slot. True on a CPU runs the same padded decode path without graphs (what tests exercise);
         not with the "cpp" backend, whose plans refuse the padding rows' empty contexts.
+    cpu_keep_freed_memory: on a CPU engine under glibc, memory freed between steps stays mapped for the next
+        step instead of going back to the kernel (engine/host_memory.py: a prefill's changing activation sizes
+        otherwise fault every page in again). Process-wide; resident memory stays at its high-water mark.
     """
 
     num_blocks: int = 512
@@ -53,6 +56,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     cuda_graphs: bool | None = None
+    cpu_keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -63,6 +67,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.dtype: expected a torch dtype, None or 'auto', got {self.dtype!r}")
         if self.cuda_graphs not in (None, True, False):
             raise ValueError(f"EngineConfig.cuda_graphs: expected None, True or False, got {self.cuda_graphs!r}")
+        if not isinstance(self.cpu_keep_freed_memory, bool):
+            raise ValueError(f"EngineConfig.cpu_keep_freed_memory: expected True or False, got "
+                             f"{self.cpu_keep_freed_memory!r}")
         if self.cuda_graphs and self.num_blocks < 2:
             raise ValueError(f"EngineConfig.num_blocks: cuda_graphs reserve one block, so at least 2 are needed, "
                              f"got {self.num_blocks}")

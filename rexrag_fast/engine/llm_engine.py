@@ -17,6 +17,7 @@ from rexrag_fast.engine.block_manager import BlockManager, blocks_for
 from rexrag_fast.engine.config import EngineConfig, SamplingParams, resolve_dtype
 from rexrag_fast.engine.counters import EngineCounters
 from rexrag_fast.engine.cuda_graphs import DecodeGraphRunner
+from rexrag_fast.engine.host_memory import keep_freed_heap_memory
 from rexrag_fast.engine.model_runner import ModelRunner
 from rexrag_fast.engine.sampling import sample
 from rexrag_fast.engine.scheduler import Scheduler
@@ -55,6 +56,8 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, device, _model_dtype(model))
         self.model_config = model_config
         self.tokenizer = tokenizer
+        if device.type == "cpu" and config.cpu_keep_freed_memory:
+            keep_freed_heap_memory()
         self.runner = ModelRunner(model, model_config, num_blocks=config.num_blocks,
                                   block_size=config.block_size, device=device, dtype=dtype,
                                   attention_backend=config.attention_backend)
