@@ -104,7 +104,7 @@ void bind_paged_attention(py::module_& m) {
       "out[T, heads, head_dim] = attention of q over the paged pool as the plan describes (data pointers of "
       "contiguous tensors; dtype codes 0 float32, 1 bfloat16). Unchecked pointers: call it through "
       "rexrag_fast.engine.cpu_attention.");
-  m.def("paged_attention_isa", &attention_isa, "'avx512' or 'generic': the code path taken on this CPU.");
+  m.def("paged_attention_isa", &attention_isa, "'avx512_bf16', 'avx512' or 'generic': the code path taken on this CPU.");
 }
 
 }  // namespace rexrag

@@ -73,10 +73,11 @@ struct AttnTensors {
 };
 
 // Runs the plan (OpenMP over items x KV heads, then over rows for the merge). Uses the AVX-512 code when the
-// CPU has AVX-512F/BW/VL/DQ (cpu_isa.h), else the portable build of the same code.
+// CPU has AVX-512F/BW/VL/DQ (cpu_isa.h), with vdpbf16ps for bf16 K/V where it also has AVX-512-BF16, else the
+// portable build of the same code.
 void run_attention_plan(const AttnPlan& plan, const AttnTensors& t);
 
-// "avx512" or "generic": the code path run_attention_plan takes on this CPU.
+// "avx512_bf16", "avx512" or "generic": the code path run_attention_plan takes on this CPU.
 const char* attention_isa();
 
 }  // namespace rexrag

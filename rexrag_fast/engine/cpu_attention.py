@@ -4,7 +4,8 @@ A plan (work items over block spans, built once per engine step and shared by ev
 thread reads; in a decode plan, a run of full blocks that several sequences share (the same block ids, as
 the prefix cache hands out) is one item for all of them, so those blocks are read once per step. The kernel
 accumulates in fp32 (online softmax, partials merged per row), reads bf16 or fp32 K/V, and takes the AVX-512
-build on CPUs that have it (`isa()`), the portable build otherwise.
+build on CPUs that have it, with bf16 pair products (vdpbf16ps) where the CPU has AVX-512-BF16 (`isa()`), the
+portable build otherwise.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """'avx512' or 'generic': the code path the kernel takes on this CPU."""
+    """'avx512_bf16', 'avx512' or 'generic': the code path the kernel takes on this CPU."""
     return extension().paged_attention_isa()
 
 
