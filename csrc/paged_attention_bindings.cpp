@@ -3,6 +3,7 @@
 // size, which rexrag_fast/engine/cpu_attention.py checks (contiguity, dtypes, shapes) before calling.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -104,7 +105,11 @@ void bind_paged_attention(py::module_& m) {
       "out[T, heads, head_dim] = attention of q over the paged pool as the plan describes (data pointers of "
       "contiguous tensors; dtype codes 0 float32, 1 bfloat16). Unchecked pointers: call it through "
       "rexrag_fast.engine.cpu_attention.");
-  m.def("paged_attention_isa", &attention_isa, "'avx512_bf16', 'avx512' or 'generic': the code path taken on this CPU.");
+  m.def("paged_attention_isa", &attention_isa,
+        "'amx_bf16', 'avx512_bf16', 'avx512' or 'generic': the code path the kernel takes now.");
+  m.def("paged_attention_isas", &attention_isas, "The code paths this CPU runs, slowest first.");
+  m.def("set_paged_attention_isa", &set_attention_isa, py::arg("name"),
+        "Cap the code path at name (one of paged_attention_isas()); ValueError otherwise.");
 }
 
 }  // namespace rexrag

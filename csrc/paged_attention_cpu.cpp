@@ -2,6 +2,7 @@
 #include "paged_attention_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -219,8 +220,38 @@ AttnPlan make_prefill_plan(const int32_t* block_tables, int32_t batch, int32_t m
   return plan;
 }
 
-const char* attention_isa() {
-  return cpu_has_avx512_bf16() ? "avx512_bf16" : cpu_has_avx512() ? "avx512" : "generic";
+namespace {
+
+// Code paths from slowest to fastest; a path runs where the CPU has it and set_attention_isa has not capped it.
+constexpr const char* kIsaNames[] = {"generic", "avx512", "avx512_bf16", "amx_bf16"};
+constexpr int kNumIsas = 4;
+std::atomic<int> isa_cap{kNumIsas - 1};
+
+int best_isa() {
+  return cpu_has_amx_bf16() ? 3 : cpu_has_avx512_bf16() ? 2 : cpu_has_avx512() ? 1 : 0;
+}
+
+int current_isa() { return std::min(best_isa(), isa_cap.load()); }
+
+}  // namespace
+
+const char* attention_isa() { return kIsaNames[current_isa()]; }
+
+std::vector<std::string> attention_isas() {
+  return std::vector<std::string>(kIsaNames, kIsaNames + best_isa() + 1);
+}
+
+void set_attention_isa(const std::string& name) {
+  const int best = best_isa();
+  for (int i = 0; i <= best; ++i) {
+    if (name == kIsaNames[i]) {
+      isa_cap.store(i);
+      return;
+    }
+  }
+  std::string have;
+  for (int i = 0; i <= best; ++i) have += std::string(i ? ", " : "") + "'" + kIsaNames[i] + "'";
+  throw std::invalid_argument("paged attention: code path '" + name + "' is not one this CPU runs (" + have + ")");
 }
 
 void run_attention_plan(const AttnPlan& plan, const AttnTensors& t) {
@@ -255,8 +286,8 @@ void run_attention_plan(const AttnPlan& plan, const AttnTensors& t) {
   float* part_m = part_acc + P * H * D;
   float* part_l = part_m + P * H;
   float* scratch = scratch_buf.data();
-  const bool avx512 = cpu_has_avx512();
-  const bool avx512_bf16 = cpu_has_avx512_bf16();
+  const int isa = current_isa();
+  const bool avx512 = isa >= 1, avx512_bf16 = isa >= 2, amx = isa >= 3;
   const int64_t work = static_cast<int64_t>(plan.items.size()) * t.kv_heads;
 
 #pragma omp parallel num_threads(threads)
@@ -272,15 +303,15 @@ void run_attention_plan(const AttnPlan& plan, const AttnTensors& t) {
       const int kvh = static_cast<int>(w % t.kv_heads);
 #ifdef REXRAG_HAVE_AVX512_BUILD
       if (avx512_bf16) {
-        attn_avx512_bf16::run_item(plan, it, kvh, t, mine, part_acc, part_m, part_l);
+        attn_avx512_bf16::run_item(plan, it, kvh, t, amx, mine, part_acc, part_m, part_l);
         continue;
       }
       if (avx512) {
-        attn_avx512::run_item(plan, it, kvh, t, mine, part_acc, part_m, part_l);
+        attn_avx512::run_item(plan, it, kvh, t, false, mine, part_acc, part_m, part_l);
         continue;
       }
 #endif
-      attn_generic::run_item(plan, it, kvh, t, mine, part_acc, part_m, part_l);
+      attn_generic::run_item(plan, it, kvh, t, false, mine, part_acc, part_m, part_l);
     }
 #pragma omp for schedule(static)
     for (int32_t r = 0; r < plan.num_rows; ++r) {

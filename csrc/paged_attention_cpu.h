@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace rexrag {
@@ -73,11 +74,18 @@ struct AttnTensors {
 };
 
 // Runs the plan (OpenMP over items x KV heads, then over rows for the merge). Uses the AVX-512 code when the
-// CPU has AVX-512F/BW/VL/DQ (cpu_isa.h), with vdpbf16ps for bf16 K/V where it also has AVX-512-BF16, else the
-// portable build of the same code.
+// CPU has AVX-512F/BW/VL/DQ (cpu_isa.h), with vdpbf16ps for bf16 K/V where it also has AVX-512-BF16 and AMX
+// tiles where it has AMX-BF16, else the portable build of the same code.
 void run_attention_plan(const AttnPlan& plan, const AttnTensors& t);
 
-// "avx512_bf16", "avx512" or "generic": the code path run_attention_plan takes on this CPU.
+// "amx_bf16", "avx512_bf16", "avx512" or "generic": the code path run_attention_plan takes now.
 const char* attention_isa();
+
+// The code paths this CPU runs, slowest first ("generic" ... attention_isa() before any cap).
+std::vector<std::string> attention_isas();
+
+// Caps the code path at `name` (one of attention_isas(); std::invalid_argument otherwise), so that tests and
+// benchmarks run every path this CPU has; the fastest one is the default.
+void set_attention_isa(const std::string& name);
 
 }  // namespace rexrag

@@ -11,6 +11,19 @@ from rexrag_fast.engine.attention import AttentionMetadata, _decode_torch, _pref
 from rexrag_fast.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="rexrag_fast._C built without paged attention")
+ISAS = ["generic", "avx512", "avx512_bf16", "amx_bf16"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each code path of the kernel that this CPU runs (the fastest is the default)."""
+    if request.param not in cpu_attention.isas():
+        pytest.skip(f"this CPU does not run the {request.param} path (it runs {cpu_attention.isas()})")
+    cpu_attention.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        cpu_attention.set_isa(cpu_attention.isas()[-1])
 
 
 def make_pool(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
@@ -64,12 +77,12 @@ def poison_unused_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: to
 
 # (16, 9, 3, 64) is SmolLM2's shape; the kernel reads K/V straight from the pool for items of up to 16 query
 # heads when block_size and head_dim are multiples of 16 and converts them to scratch otherwise: G = 8 sends
-# the 5-row shared prefix (40 query heads) to scratch, the other shapes cover block and head sizes it cannot
-# read straight
+# the 5-row shared prefix (40 query heads) to scratch (bf16 pairs, AMX tiles where head_dim % 32 == 0), the
+# other shapes cover block and head sizes it cannot read straight
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size,heads,kv_heads,head_dim", [(16, 9, 3, 64), (4, 4, 4, 32), (32, 6, 2, 40),
                                                                  (16, 16, 2, 64), (32, 8, 2, 32)])
-def test_decode_matches_torch(dtype, block_size, heads, kv_heads, head_dim):
+def test_decode_matches_torch(dtype, block_size, heads, kv_heads, head_dim, isa):
     chains = [[3], [3], [3, 5], [3, 5], [3, 5], [], [1], [1]]
     tails = [1, 17, 5, block_size, 40, 23, 2, 9]
     tables, lens = shared_tables(chains, tails, block_size, 80, seed=block_size)
@@ -108,12 +121,13 @@ def test_decode_partial_last_block_is_not_shared():
     assert_close(out, expected, name="decode")
 
 
+# head_dim 32 and 128 take AMX tiles (one and two 64-column passes of P.V), 48 the pairs' path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size", [16, 8])
-def test_prefill_over_cached_context_matches_torch(dtype, block_size):
-    heads, kv_heads, head_dim = 6, 2, 32
-    new_tokens = [37, 1, 16, 50]
-    cached = [0, 31, block_size * 2, 5]
+@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim", [(16, 6, 2, 32), (8, 6, 2, 32), (16, 4, 1, 128),
+                                                                 (16, 6, 3, 48)])
+def test_prefill_over_cached_context_matches_torch(dtype, block_size, heads, kv_heads, head_dim, isa):
+    new_tokens = [37, 1, 16, 50, 40]
+    cached = [0, 31, block_size * 2, 5, 200]  # the last context spans two of the kernel's 128-key chunks
     g = torch.Generator().manual_seed(4)
     ids = torch.randperm(64, generator=g).tolist()
     ctx = [n + c for n, c in zip(new_tokens, cached)]
@@ -158,3 +172,17 @@ def test_bad_inputs_are_refused():
                                     16)
     with pytest.raises(ValueError, match="outside the pool"):
         cpu_attention.paged_attention_cpu(far, torch.randn(1, 4, 16), cpu_attention.k_by_dim(k_cache), v_cache)
+
+
+def test_code_path_choice():
+    paths = cpu_attention.isas()
+    assert paths[0] == "generic" and set(paths) <= set(ISAS) and cpu_attention.isa() == paths[-1]
+    missing = [p for p in ISAS if p not in paths] or ["avx1024"]
+    with pytest.raises(ValueError, match=f"'{missing[0]}' is not one this CPU runs"):
+        cpu_attention.set_isa(missing[0])
+    assert cpu_attention.isa() == paths[-1]  # a refused cap changes nothing
+    assert cpu_attention.set_isa("generic") == paths[-1]
+    try:
+        assert cpu_attention.isa() == "generic"
+    finally:
+        cpu_attention.set_isa(paths[-1])

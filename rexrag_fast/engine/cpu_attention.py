@@ -4,8 +4,8 @@ A plan (work items over block spans, built once per engine step and shared by ev
 thread reads; in a decode plan, a run of full blocks that several sequences share (the same block ids, as
 the prefix cache hands out) is one item for all of them, so those blocks are read once per step. The kernel
 accumulates in fp32 (online softmax, partials merged per row), reads bf16 or fp32 K/V, and takes the AVX-512
-build on CPUs that have it, with bf16 pair products (vdpbf16ps) where the CPU has AVX-512-BF16 (`isa()`), the
-portable build otherwise.
+build on CPUs that have it, with bf16 pair products (vdpbf16ps) where the CPU has AVX-512-BF16 and AMX tiles
+where it has AMX-BF16 (`isa()`), the portable build otherwise.
 """
 
 from __future__ import annotations
@@ -40,8 +40,21 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """'avx512_bf16', 'avx512' or 'generic': the code path the kernel takes on this CPU."""
+    """'amx_bf16', 'avx512_bf16', 'avx512' or 'generic': the code path the kernel takes now."""
     return extension().paged_attention_isa()
+
+
+def isas() -> list[str]:
+    """The code paths this CPU runs, slowest first (the last is the default)."""
+    return list(extension().paged_attention_isas())
+
+
+def set_isa(name: str) -> str:
+    """Cap the kernel's code path at `name` (one of isas(); ValueError naming them otherwise), so that tests
+    and benchmarks run each path this CPU has. Returns the path taken before."""
+    before = isa()
+    extension().set_paged_attention_isa(name)
+    return before
 
 
 def _int32_array(t: torch.Tensor):
