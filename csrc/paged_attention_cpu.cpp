@@ -21,6 +21,7 @@ namespace attn_generic {
 }  // namespace attn_generic
 
 #ifdef REXRAG_HAVE_AVX512_BUILD
+#define REXRAG_AVX512_CODE 1  // AVX-512 intrinsics in the shared helpers (cpu_vec.inc) of the next two builds
 REXRAG_AVX512_BEGIN
 namespace attn_avx512 {
 #include "paged_attention_cpu_kernel.inc"
@@ -33,6 +34,7 @@ namespace attn_avx512_bf16 {
 }  // namespace attn_avx512_bf16
 #undef REXRAG_BF16_DOT
 REXRAG_AVX512_END
+#undef REXRAG_AVX512_CODE
 #endif
 
 namespace {
