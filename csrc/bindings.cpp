@@ -25,6 +25,7 @@ namespace py = pybind11;
 namespace rexrag {
 void bind_paged_attention(py::module_& m);  // paged_attention_bindings.cpp
 void bind_decoder_ops(py::module_& m);      // decoder_ops_cpu.cpp
+void bind_linear_amx(py::module_& m);       // linear_amx.cpp
 }  // namespace rexrag
 using rexrag::BlockAllocator;
 using rexrag::CacheError;
@@ -423,4 +424,5 @@ PYBIND11_MODULE(_C, m) {
   }
   rexrag::bind_paged_attention(m);
   rexrag::bind_decoder_ops(m);
+  rexrag::bind_linear_amx(m);
 }

@@ -14,6 +14,7 @@
       _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,fma,avx2,bmi2,f16c\")")
 #define REXRAG_AVX512_END _Pragma("GCC pop_options")
 #include <cpuid.h>
+#include <cstdint>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -40,6 +41,24 @@ inline bool cpu_has_avx512_bf16() {
   return false;
 #endif
 }
+
+#ifdef REXRAG_HAVE_AVX512_BUILD
+// The AMX configuration both AMX kernels use (ldtilecfg's 64-byte operand, palette 1): all 8 tiles 16 rows of
+// 64 bytes, so one tdpbf16ps is a 16 x 32 by 32 x 16 bf16 product (B as 16 rows of pairs) into 16 x 16 fp32.
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Loads AmxTileConfig on this thread (a thread's tile state is its own; oneDNN loads its own on the same threads).
+__attribute__((target("amx-tile"))) inline void amx_tiles_begin() {
+  static const AmxTileConfig cfg;
+  _tile_loadconfig(&cfg);
+}
+#endif
 
 // AMX-BF16 tiles (tdpbf16ps: a 16 x 32 by 32 x 16 bf16 product into a 16 x 16 fp32 tile) on top of
 // cpu_has_avx512_bf16(): CPUID leaf 7 says the CPU has AMX-TILE and AMX-BF16, and Linux grants this process the

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rexrag_fast.engine import cpu_fused
+from rexrag_fast.engine import cpu_fused, cpu_linear
 from rexrag_fast.engine.attention import AttentionMetadata, attend_cpp, choose_backend, paged_attention
 from rexrag_fast.engine.kv_pool import KVPool
 from rexrag_fast.engine.weights import DecoderWeights, state_dict_of
@@ -33,6 +33,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 PACKED = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def linear_kind(device: torch.device, dtype: torch.dtype, weights: list[torch.Tensor]) -> str:
+    """How the runner multiplies by its weights: "amx" (cpu_linear's AMX kernel for batches up to
+    cpu_linear.MAX_ROWS rows, torch's matmul above; bf16 on CPUs with AMX-BF16, every weight of its shape),
+    "onednn" (packed oneDNN, mkldnn_packing_helps) or "torch" (F.linear)."""
+    if (device.type == "cpu" and dtype == torch.bfloat16 and cpu_linear.available()
+            and all(cpu_linear.fits(w) for w in weights)):
+        return "amx"
+    return "onednn" if mkldnn_packing_helps(device, dtype) else "torch"
 
 
 def mkldnn_packing_helps(device: torch.device, dtype: torch.dtype) -> bool:
@@ -61,7 +71,8 @@ class ModelRunner:
         self.backend = choose_backend(attention_backend, device, block_size, dtype)
         self.kv = KVPool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype, device,
                          k_by_dim=self.backend == "cpp")
-        self.pack = mkldnn_packing_helps(device, dtype)
+        self.linear_kind = linear_kind(device, dtype, [layer[k] for layer in self.weights.layers for k in PACKED]
+                                       + [self.weights.lm_head])
         # C++ elementwise ops (cpu_fused) on the "cpp" backend: rope + K/V write (bit-identical to the torch ops)
         # always, the norms in bf16 only, where the fp32 sum of squares' order does not show (fp32 stays the
         # reference)
@@ -79,20 +90,26 @@ class ModelRunner:
         self._pack_weights()
 
     def _pack_weights(self) -> None:
-        """oneDNN-packed copies of the matmul weights (when self.pack), refreshed after every load."""
+        """Packed copies of the matmul weights for the "amx" and "onednn" linear kinds, refreshed after every
+        load."""
         self.packed: list[dict[str, torch.Tensor]] | None = None
         self.packed_lm_head: torch.Tensor | None = None
-        if not self.pack:
+        if self.linear_kind == "torch":
             return
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        self.packed = [{k: reorder(layer[k], None) for k in PACKED} for layer in self.weights.layers]
-        self.packed_lm_head = reorder(self.weights.lm_head, None)
+        pack = (cpu_linear.pack if self.linear_kind == "amx"
+                else lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
+        self.packed = [{k: pack(layer[k]) for k in PACKED} for layer in self.weights.layers]
+        self.packed_lm_head = pack(self.weights.lm_head)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 packed: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] @ weight [out, in]^T + bias, through the packed copy when there is one."""
         if packed is None:
             return F.linear(x, weight, bias)
+        if self.linear_kind == "amx":
+            if x.shape[0] > cpu_linear.MAX_ROWS:
+                return F.linear(x, weight, bias)
+            return cpu_linear.linear(x, packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
     def _norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
