@@ -99,6 +99,21 @@ def test_decode_matches_torch(dtype, block_size, heads, kv_heads, head_dim, isa)
                      rtol=1e-4 if dtype == torch.float32 else 8e-3, name=f"decode share={share}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_over_long_contexts_merges_chunks(dtype, isa):
+    """Contexts of several decode work items each (a shared 40-block prefix, then 3-9 own blocks): each row's
+    partial softmax states are merged across items."""
+    tables, lens = shared_tables([[40], [40], [40], []], [100, 37, 130, 700], 16, 160, seed=9)
+    k_cache, v_cache = make_pool(160, 16, 2, 64, dtype, seed=2)
+    q = torch.randn(4, 8, 64).to(dtype)
+    expected = _decode_torch(q.float(), k_cache.float(), v_cache.float(), decode_meta(tables, lens))
+    poison_unused_slots(k_cache, v_cache, tables, lens)
+    plan = cpu_attention.decode_plan(tables, lens, 16)
+    out = cpu_attention.paged_attention_cpu(plan, q, cpu_attention.k_by_dim(k_cache), v_cache)
+    assert_close(out.float(), expected, atol=1e-5 if dtype == torch.float32 else 4e-3,
+                 rtol=1e-4 if dtype == torch.float32 else 8e-3, name="decode")
+
+
 def test_decode_reads_shared_blocks_once():
     # 4 sequences on the same 3 full blocks, then 2 own blocks each; 2 of them share 2 more blocks first
     tables, lens = shared_tables([[3], [3], [3, 5], [3, 5]], [20, 20, 20, 20], 16, 64, seed=0)

@@ -15,7 +15,9 @@ import math
 import torch
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}  # the extension's dtype codes
-DECODE_CHUNK_BLOCKS = 8  # blocks per work item in decode: enough items to keep every thread busy
+# blocks per work item in decode: enough items to keep every thread busy, few enough that an item's setup is
+# small against its reads (SmolLM2 at batch 16-64 on a 2-core Xeon: 16 blocks read 10-15% faster than 8)
+DECODE_CHUNK_BLOCKS = 16
 
 
 def extension():
