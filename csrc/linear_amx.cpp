@@ -162,7 +162,7 @@ void bind_linear_amx(py::module_& m) {
         py::gil_scoped_release nogil;
         pack_weight(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<uint16_t*>(packed), N, K);
       },
-      "Unchecked data pointers: call it through rexrag_fast.engine.cpu_linear.pack.");
+      "Unchecked data pointers: call it through rexrag_fast.engine.cpu_linear.PackedLinear.");
   m.def(
       "linear_amx",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t bias, uintptr_t y) {
@@ -176,7 +176,7 @@ void bind_linear_amx(py::module_& m) {
         throw std::runtime_error("linear_amx: built without the x86-64 AVX-512 code");
 #endif
       },
-      "Unchecked data pointers: call it through rexrag_fast.engine.cpu_linear.linear.");
+      "Unchecked data pointers: call it through rexrag_fast.engine.cpu_linear.PackedLinear.");
 }
 
 }  // namespace rexrag

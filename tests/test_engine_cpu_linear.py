@@ -23,7 +23,7 @@ def test_linear_matches_torch(rows, out_features, in_features, with_bias):
     x = torch.randn(rows, in_features, generator=g).bfloat16()
     w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).bfloat16()
     b = torch.randn(out_features, generator=g).bfloat16() if with_bias else None
-    y = cpu_linear.linear(x, cpu_linear.pack(w), b)
+    y = cpu_linear.PackedLinear(w, b)(x)
     expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
     # the fp32 sum in another order, rounded once to bf16 (2^-9 relative)
@@ -32,16 +32,16 @@ def test_linear_matches_torch(rows, out_features, in_features, with_bias):
 
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match=r"N % 16 == 0 and K % 32 == 0, got torch.bfloat16 \(20, 32\)"):
-        cpu_linear.pack(torch.zeros(20, 32, dtype=torch.bfloat16))
+        cpu_linear.PackedLinear(torch.zeros(20, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="got torch.float32"):
-        cpu_linear.pack(torch.zeros(16, 32))
-    packed = cpu_linear.pack(torch.zeros(16, 32, dtype=torch.bfloat16))
+        cpu_linear.PackedLinear(torch.zeros(16, 32))
+    with pytest.raises(ValueError, match=r"expected bias \[16\] CPU bf16, got torch.bfloat16 \(8,\)"):
+        cpu_linear.PackedLinear(torch.zeros(16, 32, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16))
+    linear = cpu_linear.PackedLinear(torch.zeros(16, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"expected x \[M, 32\] CPU bf16, got torch.bfloat16 \(2, 64\)"):
-        cpu_linear.linear(torch.zeros(2, 64, dtype=torch.bfloat16), packed)
-    with pytest.raises(ValueError, match=r"expected bias \[16\]"):
-        cpu_linear.linear(torch.zeros(2, 32, dtype=torch.bfloat16), packed, torch.zeros(8, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="packed weight"):
-        cpu_linear.linear(torch.zeros(2, 32, dtype=torch.bfloat16), torch.zeros(16, 32, dtype=torch.bfloat16))
+        linear(torch.zeros(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"got torch.float32 \(2, 32\)"):
+        linear(torch.zeros(2, 32))
 
 
 @needs_amx

@@ -33,6 +33,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 PACKED = ("wqkv", "wo", "w_gate_up", "w_down")
+BIAS_OF = {"wqkv": "bqkv", "wo": "bo", "w_gate_up": "b_gate_up", "w_down": "b_down"}  # a layer's bias keys
 
 
 def linear_kind(device: torch.device, dtype: torch.dtype, weights: list[torch.Tensor]) -> str:
@@ -96,10 +97,14 @@ class ModelRunner:
         self.packed_lm_head: torch.Tensor | None = None
         if self.linear_kind == "torch":
             return
-        pack = (cpu_linear.pack if self.linear_kind == "amx"
-                else lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
-        self.packed = [{k: pack(layer[k]) for k in PACKED} for layer in self.weights.layers]
-        self.packed_lm_head = pack(self.weights.lm_head)
+        if self.linear_kind == "amx":  # the bias goes with the packed weight
+            self.packed = [{k: cpu_linear.PackedLinear(layer[k], layer[BIAS_OF[k]]) for k in PACKED}
+                           for layer in self.weights.layers]
+            self.packed_lm_head = cpu_linear.PackedLinear(self.weights.lm_head)
+            return
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.packed = [{k: reorder(layer[k], None) for k in PACKED} for layer in self.weights.layers]
+        self.packed_lm_head = reorder(self.weights.lm_head, None)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 packed: torch.Tensor | None) -> torch.Tensor:
@@ -107,9 +112,7 @@ class ModelRunner:
         if packed is None:
             return F.linear(x, weight, bias)
         if self.linear_kind == "amx":
-            if x.shape[0] > cpu_linear.MAX_ROWS:
-                return F.linear(x, weight, bias)
-            return cpu_linear.linear(x, packed, bias)
+            return F.linear(x, weight, bias) if x.shape[0] > cpu_linear.MAX_ROWS else packed(x)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
     def _norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
