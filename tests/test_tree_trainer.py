@@ -55,4 +55,8 @@ def test_two_rank_steps_match_with_and_without_tree_packing(tmp_path: Path) -> N
             if key.startswith(DIFFERENT_BY_DESIGN) or not isinstance(value, float) or math.isnan(value):
                 continue
             assert on[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    assert result["weight_diff"] < 1e-4  # two AdamW steps at lr 1e-3 from the same gradients up to fp32 order
+    # Two AdamW steps at lr 1e-3 from the same gradients up to fp32 order. Adam's step m / (sqrt(v) + eps) turns a
+    # parameter's near-zero (cancelling) gradient sum into an O(lr) step of either sign, so fp32 order may move a
+    # few elements by ~1e-4 (one of ~6M, 1.1e-4, on a 2-core Xeon); a packing bug moves most of them by O(lr).
+    assert result["weight_diff_mean"] < 1e-3 * result["update_mean"]
+    assert result["weight_diff_above_1e-4"] < 1e-5

@@ -8,7 +8,8 @@ trainer_rexrag_step.py); the tree trainer's REX-RAG stage forks probes from the 
 retriever), and both trainers learn the SAME batch (old and reference log-probs, filter, correction, update,
 weight sync). Before the first update both actors compute the batch's per-trajectory log-probs, tree-packed
 and flat. Rank 0 writes DIR/result.json: both trainers' metrics per step, the log-prob difference, the
-batch's sharing and the largest weight difference after the two steps.
+batch's sharing, and after the two steps the weights' differences between the trainers (largest, mean, the
+fraction of elements above 1e-4) and the mean size of the flat trainer's update.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import copy
 import json
 import os
 import sys
+
+import torch
 
 from rexrag_fast.train import distributed as du
 from rexrag_fast.train.metrics import StepMetrics
@@ -48,6 +51,7 @@ def main() -> int:
         cfg.actor.tree_packing = mode
         trainers[mode] = RLTrainer(cfg, model=copy.deepcopy(model), tokenizer=tokenizer, retriever=retriever,
                                    examples=examples)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     steps, logprob_diff, sharing = [], None, None
     for step in (1, 2):
         lead = trainers["on"]
@@ -62,11 +66,14 @@ def main() -> int:
             sharing = du.gather_objects(tree_sharing(ids, base.actor.max_tokens_per_micro_batch))
         steps.append({mode: t.learn(learn_copy(batch), rollout_m) for mode, t in trainers.items()})
     weights = {mode: t.actor.gathered_state_dict() for mode, t in trainers.items()}
-    weight_diff = max(float((weights["on"][k] - weights["off"][k]).abs().max()) for k in weights["on"])
+    diffs = torch.cat([(weights["on"][k] - weights["off"][k]).abs().flatten().float() for k in weights["on"]])
+    updates = torch.cat([(weights["off"][k] - initial[k]).abs().flatten().float() for k in weights["off"]])
     if du.is_main():
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump({"steps": steps, "logprob_diff": logprob_diff, "sharing": sharing,
-                       "weight_diff": weight_diff}, f, default=float)
+                       "weight_diff": float(diffs.max()), "weight_diff_mean": float(diffs.mean()),
+                       "weight_diff_above_1e-4": float((diffs > 1e-4).float().mean()),
+                       "update_mean": float(updates.mean())}, f, default=float)
     du.destroy_process_group()
     return 0
 
