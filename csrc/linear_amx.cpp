@@ -49,21 +49,6 @@ void pack_weight(const uint16_t* w, uint16_t* packed, int64_t N, int64_t K) {
   }
 }
 
-inline uint16_t round_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-inline float bf16_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 #ifdef REXRAG_HAVE_AVX512_BUILD
 REXRAG_AVX512_BF16_BEGIN
 
@@ -102,13 +87,14 @@ void linear_pass(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, i
     if (blocks > 2) _tile_stored(2, cbuf + 512, kColBlock * 4);
     if (blocks > 3) _tile_stored(3, cbuf + 768, kColBlock * 4);
     const int64_t rows = M - r0 < 16 * blocks ? M - r0 : 16 * blocks;
+    __m512 b = _mm512_setzero_ps();  // the column block's bias in fp32, the same for every row
+    if (bias != nullptr) {
+      const __m256i b16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + j * kColBlock));
+      b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16));
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      __m512 acc = _mm512_loadu_ps(cbuf + r * kColBlock);
-      if (bias != nullptr) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + j * kColBlock));
-        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
-      }
-      // round to nearest even (vcvtneps2bf16), as a bf16 matmul's output is
+      // acc + b rounded to nearest even (vcvtneps2bf16), as a bf16 matmul's output is
+      const __m512 acc = _mm512_add_ps(_mm512_loadu_ps(cbuf + r * kColBlock), b);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (r0 + r) * N + j * kColBlock),
                           (__m256i)_mm512_cvtneps_pbh(acc));
     }

@@ -93,8 +93,9 @@ class ModelRunner:
     def _pack_weights(self) -> None:
         """Packed copies of the matmul weights for the "amx" and "onednn" linear kinds, refreshed after every
         load."""
-        self.packed: list[dict[str, torch.Tensor]] | None = None
-        self.packed_lm_head: torch.Tensor | None = None
+        # oneDNN-packed tensors, or cpu_linear.PackedLinear objects ("amx")
+        self.packed: list[dict[str, Any]] | None = None
+        self.packed_lm_head: Any = None
         if self.linear_kind == "torch":
             return
         if self.linear_kind == "amx":  # the bias goes with the packed weight
